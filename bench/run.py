@@ -1,0 +1,1091 @@
+#!/usr/bin/env python3
+"""Benchmark harness: rpxy (this project) vs nginx, HAProxy and Caddy.
+
+Default mode (throughput): every proxy sits in front of the same fast static
+origin (an nginx serving a 1 KiB ``index.html``) and is driven by ``wrk`` with
+HTTP/1.1 keep-alive. Each proxy is pinned to one core (``taskset -c 0``), the
+origin, wrk and this script to the other one (``taskset -c 1``). Per target it
+reports the median req/s over the runs, p50/p99 latency, peak RSS of the proxy's
+process tree, its CPU use, and the ratio to nginx's req/s.
+
+``--big-download`` mode: a 1 GiB file is downloaded once through each target
+(default: rpxy only) with curl, then a 1 GiB body is uploaded through it to a
+small Python sink origin; the peak RSS of the proxy is compared to a limit
+(default 100 MiB).
+
+Stdlib only; run with any python3 >= 3.9, e.g. ``python3 bench/run.py --quick``.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CONF_DIR = HERE / "conf"
+RESULTS_DIR = HERE / "results"
+DEFAULT_RPXY = REPO / ".venv" / "bin" / "rpxy"
+
+# binary -> Debian package
+PACKAGES = {
+    "wrk": "wrk",
+    "nginx": "nginx-light",
+    "haproxy": "haproxy",
+    "caddy": "caddy",
+    "curl": "curl",
+    "taskset": "util-linux",
+}
+PROXY_TARGETS = ["rpxy", "nginx", "haproxy", "caddy"]
+# "direct" = wrk straight at the origin: the ceiling of the load core, not a proxy.
+ALL_TARGETS = PROXY_TARGETS + ["direct"]
+HOST_HEADER = "localhost"
+BODY_SIZE = 1024
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MiB = 1024 * 1024
+
+
+class StartError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def ensure_packages(skip: bool) -> None:
+    missing = sorted({pkg for binary, pkg in PACKAGES.items() if shutil.which(binary) is None})
+    if not missing:
+        return
+    if skip:
+        raise SystemExit(f"missing packages {missing} and --no-install given")
+    if shutil.which("apt-get") is None:
+        raise SystemExit(f"missing packages {missing} and no apt-get: install them by hand")
+    prefix: list[str] = []
+    if os.geteuid() != 0:
+        if shutil.which("sudo") is None:
+            raise SystemExit(f"missing packages {missing}: run as root or install them by hand")
+        prefix = ["sudo", "-n"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = prefix + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    log(f"installing {' '.join(missing)} ...")
+    if subprocess.run(cmd, env=env, check=False).returncode != 0:
+        log("apt-get install failed; running apt-get update and retrying")
+        subprocess.run(prefix + ["apt-get", "update", "-q"], env=env, check=True)
+        subprocess.run(cmd, env=env, check=True)
+    still = sorted({pkg for binary, pkg in PACKAGES.items() if shutil.which(binary) is None})
+    if still:
+        raise SystemExit(f"packages still missing after apt-get: {still}")
+
+
+_used_ports: set[int] = set()
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 chosen by the kernel (never reused within a run)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _used_ports:
+            _used_ports.add(port)
+            return port
+    raise RuntimeError("no free port")
+
+
+def render(template: str, dest: Path, **values: object) -> Path:
+    text = (CONF_DIR / template).read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", str(value))
+    leftover = re.findall(r"\{\{(\w+)\}\}", text)
+    if leftover:
+        raise RuntimeError(f"{template}: unfilled placeholders {leftover}")
+    dest.write_text(text)
+    return dest
+
+
+def tail(path: Path, n: int = 25) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def cmd_output(argv: list[str], timeout: float = 10) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc.__class__.__name__})"
+    out = (r.stdout + r.stderr).strip().splitlines()
+    return out[0].strip() if out else f"exit {r.returncode}"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Procs:
+    """Every process we start runs in its own session/process group; stop() kills the group."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        cpu: int | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen:
+        if cpu is not None:
+            argv = ["taskset", "-c", str(cpu), *argv]
+        with open(log_path, "ab") as out:
+            p = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                cwd=cwd,
+            )
+        p.bench_name = name  # type: ignore[attr-defined]
+        p.bench_log = log_path  # type: ignore[attr-defined]
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, grace: float = 5.0) -> None:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # whatever is left of the group (workers, children), and the leader if still alive
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            log(f"warning: {getattr(p, 'bench_name', p.pid)} (pid {p.pid}) did not die")
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self) -> None:
+        for p in reversed(list(self.procs)):
+            self.stop(p, grace=3.0)
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("latin-1")
+    except OSError:
+        return None
+    # fields after "pid (comm) ": state ppid pgrp session ... utime(11) stime(12)
+    return data[data.rindex(")") + 2 :].split()
+
+
+def session_pids(sid: int) -> list[int]:
+    """All live processes of session ``sid`` (our Popen leaders start a new session)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _read_stat(int(entry))
+        if fields is not None and fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = _read_stat(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def core_times() -> dict[int, tuple[int, int, int]]:
+    """cpu index -> (busy, total, task) jiffies from /proc/stat.
+
+    busy includes irq/softirq time (loopback networking is largely softirq work, which the
+    kernel does not charge to any process); task is user + nice + system time of processes.
+    """
+    result = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            m = re.match(r"cpu(\d+)\s+(.*)", line)
+            if m:
+                v = [int(x) for x in m.group(2).split()]
+                idle = v[3] + (v[4] if len(v) > 4 else 0)
+                total = sum(v[:8])
+                result[int(m.group(1))] = (total - idle, total, v[0] + v[1] + v[2])
+    return result
+
+
+def core_busy(before: dict, after: dict, cpu: int | None, field: int = 0) -> float | None:
+    """Percentage of the interval core ``cpu`` spent busy (field 0) or running processes (field 2)."""
+    if cpu is None or cpu not in before or cpu not in after:
+        return None
+    part = after[cpu][field] - before[cpu][field]
+    total = after[cpu][1] - before[cpu][1]
+    return 100.0 * part / total if total > 0 else None
+
+
+class MemSampler(threading.Thread):
+    """Samples the summed RSS (and PSS) of a process session until stopped; keeps the peak."""
+
+    def __init__(self, sid: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.sid = sid
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.samples = 0
+        self.max_procs = 0
+        self._halt = threading.Event()
+
+    def sample_once(self, pids: list[int]) -> int:
+        rss = sum(rss_bytes(p) for p in pids)
+        pss = sum(pss_bytes(p) for p in pids)
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_pss = max(self.peak_pss, pss)
+        self.samples += 1
+        return rss
+
+    def run(self) -> None:
+        pids = session_pids(self.sid)
+        rescan = time.monotonic() + 0.5
+        while True:
+            now = time.monotonic()
+            if now >= rescan:
+                pids = session_pids(self.sid)
+                rescan = now + 0.5
+            self.max_procs = max(self.max_procs, len(pids))
+            self.sample_once(pids)
+            if self._halt.wait(self.interval):
+                break
+        self.sample_once(session_pids(self.sid))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def current_rss(sid: int) -> int:
+    return sum(rss_bytes(p) for p in session_pids(sid))
+
+
+# --------------------------------------------------------------------------- HTTP helpers
+
+
+def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": HOST_HEADER})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def response_warnings(port: int) -> list[str]:
+    """Problems in one proxied response that make strict clients (wrk's parser) reject it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/", headers={"Host": HOST_HEADER})
+        resp = conn.getresponse()
+        body = resp.read()
+        msg = resp.msg
+    except (OSError, http.client.HTTPException) as exc:
+        return [f"GET / failed: {exc}"]
+    finally:
+        conn.close()
+    warnings = []
+    for name in ("content-length", "transfer-encoding", "content-type"):
+        values = msg.get_all(name) or []
+        if len(values) > 1:
+            warnings.append(f"response has {len(values)} {name} headers: {values}")
+    if msg.get("content-length") and msg.get("transfer-encoding"):
+        warnings.append("response has both content-length and transfer-encoding")
+    if len(body) != BODY_SIZE:
+        warnings.append(f"body is {len(body)} bytes, expected {BODY_SIZE}")
+    return warnings
+
+
+def wait_ready(port: int, proc: subprocess.Popen | None, name: str, body_len: int | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StartError(f"{name} exited with code {proc.returncode}:\n{tail(proc.bench_log)}")  # type: ignore[attr-defined]
+        try:
+            status, body = http_get(port)
+            if status == 200 and (body_len is None or len(body) == body_len):
+                return
+            last = f"status {status}, {len(body)} body bytes"
+        except (OSError, http.client.HTTPException) as exc:
+            last = f"{exc.__class__.__name__}: {exc}"
+        time.sleep(0.1)
+    log_tail = tail(proc.bench_log) if proc is not None else ""  # type: ignore[attr-defined]
+    raise StartError(f"{name} not ready on port {port} after {timeout:.0f}s ({last})\n{log_tail}")
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class Env:
+    """Everything shared by a run: the temp dir, CPUs, process registry, args."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path, procs: Procs) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.procs = procs
+        self.proxy_cpu: int | None = args.proxy_cpu
+        self.load_cpu: int | None = args.load_cpu
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
+
+    def log_path(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+
+def start_origin_nginx(env: Env) -> tuple[subprocess.Popen, int]:
+    docroot = env.tmp / "docroot"
+    docroot.mkdir(exist_ok=True)
+    body = (b"<!doctype html><title>bench</title>\n" + b"x" * BODY_SIZE)[: BODY_SIZE - 1] + b"\n"
+    assert len(body) == BODY_SIZE
+    (docroot / "index.html").write_bytes(body)
+    for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (env.tmp / "origin-tmp" / d).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = render("origin-nginx.conf", env.tmp / "origin-nginx.conf", prefix=env.tmp, docroot=docroot, origin_port=port)
+    argv = ["nginx", "-p", f"{env.tmp}/", "-c", str(conf), "-e", str(env.tmp / "origin-nginx.error.log")]
+    p = env.procs.start("origin", argv, env.log_path("origin-nginx"), cpu=env.load_cpu)
+    wait_ready(port, p, "origin nginx", BODY_SIZE, 15)
+    return p, port
+
+
+def start_sink(env: Env) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    argv = [sys.executable, str(HERE / "upload_sink.py"), "--port", str(port)]
+    if env.args.throttle:
+        argv += ["--rate", str(env.args.throttle)]
+    p = env.procs.start("sink", argv, env.log_path("upload-sink"), cpu=env.load_cpu)
+    wait_ready(port, p, "upload sink", None, 15)
+    return p, port
+
+
+def proxy_command(
+    env: Env, name: str, port: int, upstream_port: int, tag: str, rpxy_extra: str = ""
+) -> tuple[list[str], dict[str, str] | None]:
+    tmp = env.tmp
+    if name == "nginx":
+        for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (tmp / "proxy-nginx-tmp" / d).mkdir(parents=True, exist_ok=True)
+        conf = render("nginx.conf", tmp / f"nginx-{tag}.conf", prefix=tmp, port=port, upstream_port=upstream_port)
+        return ["nginx", "-p", f"{tmp}/", "-c", str(conf), "-e", str(tmp / "proxy-nginx.error.log")], None
+    if name == "haproxy":
+        conf = render("haproxy.cfg", tmp / f"haproxy-{tag}.cfg", port=port, upstream_port=upstream_port)
+        return ["haproxy", "-f", str(conf), "-db"], None
+    if name == "caddy":
+        conf = render("Caddyfile", tmp / f"Caddyfile-{tag}", port=port, upstream_port=upstream_port)
+        home = tmp / "caddy-home"
+        home.mkdir(exist_ok=True)
+        env_vars = dict(
+            os.environ,
+            GOMAXPROCS="1",
+            HOME=str(home),
+            XDG_DATA_HOME=str(home / "data"),
+            XDG_CONFIG_HOME=str(home / "config"),
+        )
+        return ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"], env_vars
+    if name == "rpxy":
+        extra = "\n".join(x for x in (rpxy_extra, *env.args.rpxy_extra) if x)
+        if env.args.connections > 400:
+            extra += f"\nmax_clients = {env.args.connections * 2}"
+        conf = render("rpxy.toml", tmp / f"rpxy-{tag}.toml", port=port, upstream_port=upstream_port, rpxy_extra=extra)
+        argv = [*shlex.split(env.args.rpxy_cmd), "--config", str(conf)]
+        if not env.args.rpxy_no_log_dir:
+            log_dir = tmp / f"rpxy-logs-{tag}"
+            log_dir.mkdir(exist_ok=True)
+            argv += ["--log-dir", str(log_dir)]
+        return argv, None
+    raise ValueError(name)
+
+
+def start_proxy(
+    env: Env, name: str, upstream_port: int, tag: str, body_len: int | None, rpxy_extra: str = ""
+) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    argv, env_vars = proxy_command(env, name, port, upstream_port, tag, rpxy_extra)
+    p = env.procs.start(name, argv, env.log_path(f"{name}-{tag}"), cpu=env.proxy_cpu, env=env_vars)
+    try:
+        wait_ready(port, p, name, body_len, env.args.start_timeout)
+    except BaseException:
+        env.procs.stop(p)
+        raise
+    return p, port
+
+
+def rpxy_available(args: argparse.Namespace) -> str | None:
+    """None if the rpxy command looks runnable, else the reason."""
+    exe = shlex.split(args.rpxy_cmd)[0]
+    if shutil.which(exe) is None and not os.access(exe, os.X_OK):
+        return f"{exe} not found"
+    return None
+
+
+# --------------------------------------------------------------------------- wrk
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+_UNIT_B = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+def parse_wrk(text: str) -> dict:
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if not m:
+        raise ValueError("no Requests/sec in wrk output")
+    out: dict = {"rps": float(m.group(1)), "latency_ms": {}}
+    for pm in re.finditer(r"^\s+(\d+(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.MULTILINE):
+        out["latency_ms"][pm.group(1)] = round(float(pm.group(2)) * _UNIT_MS[pm.group(3)], 4)
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+), ([\d.]+)(\w+) read", text)
+    if m:
+        out["requests"] = int(m.group(1))
+        out["bytes_read"] = int(float(m.group(4)) * _UNIT_B.get(m.group(5), 1))
+        out["bytes_per_request"] = round(out["bytes_read"] / out["requests"], 1) if out["requests"] else None
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    out["socket_errors"] = (
+        dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups())))
+        if m
+        else {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    )
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    out["non_2xx_3xx"] = int(m.group(1)) if m else 0
+    out["errors"] = sum(out["socket_errors"].values()) + out["non_2xx_3xx"]
+    return out
+
+
+def run_wrk(env: Env, port: int, duration: float, tag: str) -> dict:
+    a = env.args
+    argv = [
+        "wrk",
+        f"-t{a.threads}",
+        f"-c{a.connections}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "--timeout",
+        "5s",
+        "-H",
+        f"Host: {HOST_HEADER}",
+        f"http://127.0.0.1:{port}/",
+    ]
+    out_path = env.log_path(f"wrk-{tag}")
+    p = env.procs.start("wrk", argv, out_path, cpu=env.load_cpu)
+    try:
+        p.wait(duration + 60)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("wrk hung") from None
+    finally:
+        env.procs.stop(p)
+    text = out_path.read_text(errors="replace")
+    if p.returncode != 0:
+        raise RuntimeError(f"wrk failed ({p.returncode}):\n{text}")
+    return parse_wrk(text)
+
+
+def bench_target(env: Env, name: str, origin_port: int) -> dict:
+    a = env.args
+    res: dict = {"target": name}
+    proc = None
+    sampler = None
+    if name == "direct":
+        port = origin_port
+        sid = None
+    else:
+        proc, port = start_proxy(env, name, origin_port, "rps", BODY_SIZE)
+        sid = proc.pid
+    try:
+        res["warnings"] = response_warnings(port)
+        for w in res["warnings"]:
+            log(f"{name}: WARNING {w}")
+        if sid is not None:
+            res["idle_rss_bytes"] = current_rss(sid)
+        if sid is not None:
+            sampler = MemSampler(sid, a.sample_interval)
+            sampler.start()
+        if a.warmup > 0:
+            log(f"{name}: warmup {a.warmup}s")
+            run_wrk(env, port, a.warmup, f"{name}-warmup")
+        runs = []
+        for i in range(a.runs):
+            pids = session_pids(sid) if sid is not None else []
+            cpu0 = cpu_seconds(pids)
+            cores0 = core_times()
+            t0 = time.monotonic()
+            r = run_wrk(env, port, a.duration, f"{name}-run{i + 1}")
+            wall = time.monotonic() - t0
+            cores1 = core_times()
+            if sid is not None:
+                r["proxy_cpu_pct"] = round(100.0 * (cpu_seconds(session_pids(sid)) - cpu0) / wall, 1)
+            r["proxy_core_busy_pct"] = _round(core_busy(cores0, cores1, env.proxy_cpu))
+            r["proxy_core_task_pct"] = _round(core_busy(cores0, cores1, env.proxy_cpu, 2))
+            r["load_core_busy_pct"] = _round(core_busy(cores0, cores1, env.load_cpu))
+            runs.append(r)
+            log(
+                f"{name} run {i + 1}/{a.runs}: {r['rps']:.0f} req/s, p99 {r['latency_ms'].get('99', float('nan'))} ms, "
+                f"errors {r['errors']}, proxy cpu {_fmt(r.get('proxy_cpu_pct'))}%, "
+                f"core{env.proxy_cpu} {r['proxy_core_busy_pct']}%, core{env.load_cpu} {r['load_core_busy_pct']}%"
+            )
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{name} died during the run:\n{tail(proc.bench_log)}")  # type: ignore[attr-defined]
+        if sampler is not None:
+            sampler.stop()
+            res["peak_rss_bytes"] = sampler.peak_rss
+            res["peak_pss_bytes"] = sampler.peak_pss
+            res["max_processes"] = sampler.max_procs
+            res["rss_samples"] = sampler.samples
+        res["runs"] = runs
+        res["median_rps"] = statistics.median(r["rps"] for r in runs)
+        for q in ("50", "99"):
+            vals = [r["latency_ms"][q] for r in runs if q in r["latency_ms"]]
+            res[f"median_p{q}_ms"] = statistics.median(vals) if vals else None
+        res["errors"] = sum(r["errors"] for r in runs)
+        for key in ("proxy_cpu_pct", "proxy_core_busy_pct", "proxy_core_task_pct", "load_core_busy_pct"):
+            vals = [r[key] for r in runs if r.get(key) is not None]
+            res[f"median_{key}"] = _round(statistics.median(vals)) if vals else None
+        res["ok"] = True
+    finally:
+        if sampler is not None and sampler.is_alive():
+            sampler.stop()
+        if proc is not None:
+            env.procs.stop(proc)
+    return res
+
+
+def _round(x: float | None, nd: int = 1) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def _fmt(x: object, spec: str = "") -> str:
+    if x is None:
+        return "-"
+    return format(x, spec) if spec else str(x)
+
+
+def throughput_table(results: list[dict], env: Env) -> str:
+    nginx = next((r for r in results if r["target"] == "nginx" and r.get("ok")), None)
+    base = nginx["median_rps"] if nginx else None
+    pc, lc = env.proxy_cpu, env.load_cpu
+    head = (
+        f"| target | req/s (median) | vs nginx | p50 ms | p99 ms | peak RSS MiB | proxy CPU % | core{pc} busy % | core{lc} busy % | errors |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = []
+    for r in results:
+        if not r.get("ok"):
+            rows.append(f"| {r['target']} | {r.get('status', 'failed')} | | | | | | | | |")
+            continue
+        ratio = f"{r['median_rps'] / base:.2f}x" if base else "-"
+        rss = r.get("peak_rss_bytes")
+        rows.append(
+            f"| {r['target']} | {r['median_rps']:,.0f} | {ratio} | {_fmt(r['median_p50_ms'], '.2f')} | {_fmt(r['median_p99_ms'], '.2f')} | "
+            f"{_fmt(rss / MiB if rss else None, '.1f')} | {_fmt(r.get('median_proxy_cpu_pct'))} | "
+            f"{_fmt(r.get('median_proxy_core_busy_pct'))} | {_fmt(r.get('median_load_core_busy_pct'))} | {r['errors']} |"
+        )
+    return head + "\n".join(rows)
+
+
+def throughput_notes(results: list[dict], env: Env) -> list[str]:
+    notes = []
+    for r in results:
+        if not r.get("ok"):
+            if r.get("error"):
+                notes.append(f"{r['target']} failed: {r['error'].strip().splitlines()[0]} (full error in the JSON)")
+            continue
+        load = r.get("median_load_core_busy_pct")
+        pcpu = r.get("median_proxy_cpu_pct")
+        core = r.get("median_proxy_core_busy_pct")
+        task = r.get("median_proxy_core_task_pct")
+        disturbed = task is not None and task - (pcpu or 0) > 10
+        if disturbed:
+            notes.append(
+                f"{r['target']}: processes on core {env.proxy_cpu} used {task}% but the proxy only {pcpu or 0}% -- "
+                "other processes ran on the proxy's core: this target's numbers are disturbed, rerun on a quiet machine."
+            )
+        elif r["target"] != "direct" and core is not None:
+            if core >= 95:
+                notes.append(
+                    f"{r['target']}: proxy-bound (core {env.proxy_cpu} {core}% busy: the proxy's processes {pcpu}%, "
+                    "the rest mostly kernel network softirq work)."
+                )
+            elif load is not None and load >= 95:
+                notes.append(
+                    f"{r['target']}: load-bound: the load core (wrk + origin) was saturated ({load}%) while the proxy's "
+                    f"core was {core}% busy -- its req/s is a lower bound, limited by the load side, not by the proxy."
+                )
+        if r["errors"]:
+            notes.append(f"{r['target']}: {r['errors']} errors (socket errors or non-2xx/3xx) -- see the JSON.")
+        if any(run.get("requests") == 0 for run in r["runs"]):
+            notes.append(
+                f"{r['target']}: wrk completed no request in some run: it could not parse the responses "
+                "(wrk counts that as read errors) -- check `curl -v` through the proxy for malformed/duplicate headers."
+            )
+        for w in r.get("warnings", []):
+            notes.append(f"{r['target']}: {w}")
+    return notes
+
+
+# --------------------------------------------------------------------------- big transfers
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 1G, 256M)")
+    mult = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def run_curl_measured(env: Env, proc: subprocess.Popen, argv: list[str], tag: str) -> dict:
+    a = env.args
+    sid = proc.pid
+    idle = current_rss(sid)
+    sampler = MemSampler(sid, a.big_sample_interval)
+    sampler.start()
+    out_path = env.log_path(f"curl-{tag}")
+    t0 = time.monotonic()
+    curl = env.procs.start("curl", argv, out_path, cpu=env.load_cpu)
+    try:
+        curl.wait(a.big_timeout + 30)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        env.procs.stop(curl)
+        sampler.stop()
+    wall = time.monotonic() - t0
+    text = out_path.read_text(errors="replace").strip()
+    res: dict = {
+        "curl_exit": curl.returncode,
+        "curl_output": text[-2000:],
+        "seconds": round(wall, 2),
+        "idle_rss_bytes": idle,
+        "peak_rss_bytes": sampler.peak_rss,
+        "peak_pss_bytes": sampler.peak_pss,
+        "rss_samples": sampler.samples,
+        "proxy_alive_after": proc.poll() is None,
+    }
+    m = re.search(r"RESULT code=(\d+) size=(\d+) time=([\d.]+)", text)
+    if m:
+        res["http_code"] = int(m.group(1))
+        res["bytes"] = int(m.group(2))
+        res["seconds"] = float(m.group(3))
+    return res
+
+
+def big_target(env: Env, name: str, origin_port: int, sink_port: int, big_name: str, upload_file: Path) -> dict:
+    a = env.args
+    size = a.big_size
+    limit = a.rss_limit_mb * MiB
+    out: dict = {"target": name}
+    wfmt = "\\nRESULT code=%{http_code} size=%{SIZE} time=%{time_total}\\n"
+
+    # ---- download
+    proc, port = start_proxy(env, name, origin_port, "download", BODY_SIZE)
+    try:
+        log(f"{name}: downloading {size / MiB:.0f} MiB through it")
+        argv = [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            str(a.big_timeout),
+            "-H",
+            f"Host: {HOST_HEADER}",
+            *(["--limit-rate", str(a.throttle)] if a.throttle else []),
+            "-w",
+            wfmt.replace("SIZE", "size_download"),
+            f"http://127.0.0.1:{port}/{big_name}",
+        ]
+        d = run_curl_measured(env, proc, argv, f"{name}-download")
+        d["ok"] = d.get("http_code") == 200 and d.get("bytes") == size and d["curl_exit"] == 0
+    finally:
+        env.procs.stop(proc)
+    d["rss_pass"] = d["peak_rss_bytes"] <= limit
+    out["download"] = d
+    log(_big_line(name, "download", d, size))
+
+    # ---- upload
+    extra = "request_max_body_size = 0" if name == "rpxy" else ""
+    proc, port = start_proxy(env, name, sink_port, "upload", None, rpxy_extra=extra)
+    try:
+        log(f"{name}: uploading {size / MiB:.0f} MiB through it")
+        resp = env.tmp / f"upload-response-{name}.txt"
+        argv = [
+            "curl",
+            "-sS",
+            "-T",
+            str(upload_file),
+            "-o",
+            str(resp),
+            "--max-time",
+            str(a.big_timeout),
+            "-H",
+            f"Host: {HOST_HEADER}",
+            "-w",
+            wfmt.replace("SIZE", "size_upload"),
+            f"http://127.0.0.1:{port}/upload",
+        ]
+        u = run_curl_measured(env, proc, argv, f"{name}-upload")
+        try:
+            u["origin_received"] = int(resp.read_text().strip())
+        except (OSError, ValueError):
+            u["origin_received"] = None
+        u["ok"] = u.get("http_code") == 200 and u.get("origin_received") == size and u["curl_exit"] == 0
+    finally:
+        env.procs.stop(proc)
+    u["rss_pass"] = u["peak_rss_bytes"] <= limit
+    out["upload"] = u
+    log(_big_line(name, "upload", u, size))
+    out["ok"] = True
+    return out
+
+
+def _big_line(name: str, kind: str, r: dict, size: int) -> str:
+    return (
+        f"{name} {kind}: {'OK' if r['ok'] else 'FAILED'} code={r.get('http_code')} bytes={r.get('bytes')} "
+        f"in {r['seconds']}s, peak RSS {r['peak_rss_bytes'] / MiB:.1f} MiB (idle {r['idle_rss_bytes'] / MiB:.1f})"
+    )
+
+
+def big_table(results: list[dict], env: Env) -> str:
+    limit = env.args.rss_limit_mb
+    head = (
+        f"| target | test | transfer | MiB/s | seconds | idle RSS MiB | peak RSS MiB | peak <= {limit} MiB |\n"
+        "|---|---|---|---:|---:|---:|---:|---|\n"
+    )
+    rows = []
+    for r in results:
+        if not r.get("ok"):
+            rows.append(f"| {r['target']} | - | {r.get('status', 'failed')} | | | | | |")
+            continue
+        for kind in ("download", "upload"):
+            x = r[kind]
+            mibs = (x.get("bytes") or 0) / MiB / x["seconds"] if x.get("seconds") and x.get("ok") else None
+            if x["ok"]:
+                transfer = "ok"
+            else:
+                transfer = f"FAILED (code {x.get('http_code')}, curl exit {x['curl_exit']}, {x.get('bytes')} bytes)"
+            rows.append(
+                f"| {r['target']} | {kind} | {transfer} | {_fmt(mibs, '.0f')} | {x['seconds']:.2f} | "
+                f"{x['idle_rss_bytes'] / MiB:.1f} | {x['peak_rss_bytes'] / MiB:.1f} | {'PASS' if x['rss_pass'] else 'FAIL'} |"
+            )
+    return head + "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark rpxy against nginx, HAProxy and Caddy (see bench/README.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--only",
+        help=f"comma-separated targets, from {','.join(ALL_TARGETS)} (default: {','.join(PROXY_TARGETS)}; rpxy only with --big-download)",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 run of 3 s, 1 s warmup (128 MiB in --big-download)")
+    p.add_argument("--runs", type=int, default=3, help="wrk runs per target")
+    p.add_argument("--duration", type=float, default=10, help="seconds per wrk run")
+    p.add_argument("--warmup", type=float, default=2, help="seconds of discarded wrk warmup per target (0 = none)")
+    p.add_argument("-c", "--connections", type=int, default=50, help="wrk connections")
+    p.add_argument("-t", "--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("--proxy-cpu", type=int, default=0, help="core the proxy is pinned to")
+    p.add_argument("--load-cpu", type=int, default=1, help="core for origin, wrk/curl and this script")
+    p.add_argument("--sample-interval", type=float, default=0.1, help="RSS sampling period (s) during wrk runs")
+    p.add_argument("--start-timeout", type=float, default=30, help="seconds to wait for a proxy to answer")
+    p.add_argument("--rpxy-cmd", default=str(DEFAULT_RPXY), help="command that starts rpxy (gets --config FILE [--log-dir DIR])")
+    p.add_argument(
+        "--rpxy-no-log-dir", action="store_true", help="do not pass --log-dir to rpxy (its logs go to its stdout log file)"
+    )
+    p.add_argument(
+        "--rpxy-extra",
+        action="append",
+        default=[],
+        metavar="TOML_LINE",
+        help="extra top-level line for rpxy's config.toml (repeatable)",
+    )
+    p.add_argument(
+        "--big-download", action="store_true", help="big-transfer mode: 1 GiB download + 1 GiB upload, peak RSS vs limit"
+    )
+    p.add_argument("--big-size", type=parse_size, default=None, help="size of the big transfer (default 1G, 128M with --quick)")
+    p.add_argument("--rss-limit-mb", type=float, default=100, help="peak RSS limit for --big-download, in MiB")
+    p.add_argument(
+        "--throttle",
+        type=parse_size,
+        default=0,
+        metavar="RATE",
+        help="with --big-download: slow consumer, e.g. 50M = 50 MiB/s (curl --limit-rate on download, a slow-reading "
+        "origin on upload), so a proxy without backpressure must buffer; 0 = full speed",
+    )
+    p.add_argument("--big-timeout", type=int, default=900, help="curl --max-time for each big transfer")
+    p.add_argument("--big-sample-interval", type=float, default=0.05, help="RSS sampling period (s) during big transfers")
+    p.add_argument("--no-install", action="store_true", help="never run apt-get; fail if a tool is missing")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for inspection")
+    p.add_argument("--no-json", action="store_true", help="do not write bench/results/<timestamp>.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs, args.duration, args.warmup = 1, 3, 1
+    if args.big_size is None:
+        args.big_size = 128 * MiB if args.quick else 1024 * MiB
+    if args.only:
+        targets = [t.strip() for t in args.only.split(",") if t.strip()]
+        bad = [t for t in targets if t not in ALL_TARGETS]
+        if bad:
+            p.error(f"unknown targets {bad}; choose from {ALL_TARGETS}")
+        args.targets = targets
+    else:
+        args.targets = ["rpxy"] if args.big_download else list(PROXY_TARGETS)
+    if args.big_download and "direct" in args.targets:
+        p.error("'direct' is not a proxy; it has no meaning with --big-download")
+    if args.runs < 1 or args.duration < 1:
+        p.error("--runs and --duration must be >= 1")
+    return args
+
+
+def setup_cpus(args: argparse.Namespace) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.proxy_cpu not in cpus or args.load_cpu not in cpus or args.proxy_cpu == args.load_cpu:
+        log(
+            f"warning: cannot pin proxy to core {args.proxy_cpu} and load to core {args.load_cpu} (available: {cpus}); running unpinned"
+        )
+        args.proxy_cpu = args.load_cpu = None
+        return
+    # this script (and its RSS sampler) stays off the proxy's core
+    os.sched_setaffinity(0, {args.load_cpu})
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    want = min(want, 1 << 20)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def machine_info(args: argparse.Namespace) -> dict:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {
+        "nginx": cmd_output(["nginx", "-v"]),
+        "haproxy": cmd_output(["haproxy", "-v"]),
+        "caddy": cmd_output(["caddy", "version"]),
+        "wrk": cmd_output(["wrk", "-v"]),
+        "curl": cmd_output(["curl", "--version"]),
+    }
+    if "rpxy" in args.targets and rpxy_available(args) is None:
+        versions["rpxy"] = cmd_output([*shlex.split(args.rpxy_cmd), "--version"], timeout=20)
+    return {
+        "hostname": platform.node(),
+        "kernel": platform.release(),
+        "cpu_model": cpu_model,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def write_json(args: argparse.Namespace, payload: dict, suffix: str) -> Path | None:
+    if args.no_json:
+        return None
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{payload['timestamp'].replace(':', '').replace('-', '')}{suffix}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if sys.platform != "linux":
+        raise SystemExit("Linux only (uses /proc and taskset)")
+    ensure_packages(args.no_install)
+    setup_cpus(args)
+    raise_nofile()
+    # Ctrl-C -> KeyboardInterrupt even if SIGINT was inherited as ignored (background jobs)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_sigterm)
+
+    started = _dt.datetime.now().astimezone()
+    payload: dict = {
+        "timestamp": started.strftime("%Y-%m-%dT%H:%M:%S"),
+        "mode": "big-download" if args.big_download else "throughput",
+        "machine": machine_info(args),
+        "params": {k: v for k, v in vars(args).items() if k not in ("only",)},
+        "results": [],
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="rpxy-bench-"))
+    # nginx workers run as an unprivileged user when started as root: they must be able to read the docroot
+    tmp.chmod(0o755)
+    procs = Procs()
+    env = Env(args, tmp, procs)
+    results: list[dict] = payload["results"]
+    interrupted = False
+    log(f"temp dir {tmp}; proxy core {args.proxy_cpu}, load core {args.load_cpu}; targets {','.join(args.targets)}")
+    try:
+        origin, origin_port = start_origin_nginx(env)
+        log(f"origin nginx on 127.0.0.1:{origin_port}")
+        if args.big_download:
+            big_name = "big.bin"
+            os.truncate(_touch(tmp / "docroot" / big_name), args.big_size)
+            upload_file = _touch(tmp / "upload.bin")
+            os.truncate(upload_file, args.big_size)
+            _sink, sink_port = start_sink(env)
+            log(f"upload sink on 127.0.0.1:{sink_port}; transfer size {args.big_size} bytes")
+        for name in args.targets:
+            if name == "rpxy" and (why := rpxy_available(args)):
+                log(f"skipping rpxy: {why}")
+                results.append({"target": name, "ok": False, "status": f"skipped: {why}"})
+                continue
+            log(f"=== {name}")
+            try:
+                if args.big_download:
+                    results.append(big_target(env, name, origin_port, sink_port, big_name, upload_file))
+                else:
+                    results.append(bench_target(env, name, origin_port))
+            except (StartError, RuntimeError, ValueError) as exc:
+                log(f"{name} FAILED: {exc}")
+                results.append({"target": name, "ok": False, "status": "failed", "error": str(exc)})
+            if origin.poll() is not None:
+                raise RuntimeError(f"origin died:\n{tail(origin.bench_log)}")  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted; stopping everything")
+    except (StartError, RuntimeError) as exc:
+        log(f"aborting: {exc}")
+        payload["error"] = str(exc)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop_all()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if args.keep_tmp:
+            log(f"temp dir kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    payload["finished"] = _dt.datetime.now().astimezone().strftime("%Y-%m-%dT%H:%M:%S")
+    payload["interrupted"] = interrupted
+    if args.big_download:
+        table = big_table(results, env)
+        notes = [
+            f"{r['target']} failed: {r['error'].strip().splitlines()[0]} (full error in the JSON)"
+            for r in results
+            if not r.get("ok") and r.get("error")
+        ]
+    else:
+        table = throughput_table(results, env)
+        notes = throughput_notes(results, env)
+    payload["table_markdown"] = table
+    payload["notes"] = notes
+    print()
+    if args.big_download:
+        rate = f", consumer throttled to {args.throttle / MiB:g} MiB/s" if args.throttle else ""
+        print(
+            f"Big transfer: {args.big_size / MiB:.0f} MiB{rate}, proxy on core {args.proxy_cpu}, curl/origin on core {args.load_cpu}\n"
+        )
+    else:
+        print(
+            f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, {args.runs} run(s) per target, "
+            f"proxy on core {args.proxy_cpu}, origin+wrk on core {args.load_cpu}\n"
+        )
+    if interrupted:
+        print("INTERRUPTED: partial results (the target running at the time is not included)\n")
+    print(table)
+    if notes:
+        print()
+    for n in notes:
+        print(f"- {n}")
+    path = write_json(args, payload, "-big" if args.big_download else "")
+    if path:
+        print(f"\nJSON: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    if interrupted:
+        return 130
+    good = all(r.get("ok") or str(r.get("status", "")).startswith("skipped") for r in results)
+    if args.big_download:
+        good = good and all(r[k]["ok"] and r[k]["rss_pass"] for r in results if r.get("ok") for k in ("download", "upload"))
+    return 0 if good else 1
+
+
+def _touch(path: Path) -> Path:
+    path.touch()
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

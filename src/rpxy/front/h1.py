@@ -1,0 +1,669 @@
+"""The HTTP/1.1 front end: a Twisted protocol around httptools' (llhttp's) strict parser.
+
+It only moves bytes and events: requests become :class:`~rpxy.message.RequestHead`
+objects handed to the shared :class:`~rpxy.pipeline.Pipeline`, and the pipeline's
+response comes back through this module's :class:`_Cycle` sink. Pipelined requests
+are answered strictly in order: a request that arrives while another is being answered
+waits (with reading paused) until its turn.
+
+Limits are enforced here because they are about the wire: request line (414), header
+block and count (431), an absolute header-read deadline and an idle keep-alive timeout
+(one lazily re-armed timer per connection, so keep-alive requests cost no timer
+operations), ``max_clients``/``max_clients_per_ip`` and ``connection_handling_timeout``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
+from rpxy.pipeline import send_local_response
+from rpxy.policy.responses import reason
+from rpxy.policy.validate import MAX_HEADER_COUNT, check_request_head
+
+if TYPE_CHECKING:
+    from rpxy.pipeline import Pipeline
+    from rpxy.state import StateHolder
+    from rpxy.streams import Exchange, TunnelEnd
+
+log = Logger()
+
+#: rpxy's hard-coded idle / header-read timeout.
+HEADER_TIMEOUT = 20.0
+IDLE_TIMEOUT = 20.0
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEADER_BLOCK = 64 * 1024
+#: An early-answered request body smaller than this is read and discarded to keep the connection.
+MAX_DISCARD = 1024 * 1024
+LINGER_SECONDS = 2.0
+
+_PAUSE_PIPELINE = 1
+_PAUSE_UPSTREAM = 2
+_PAUSE_UPGRADE = 4
+
+_NO_BODY_STATUS = frozenset((204, 304))
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
+        _STATUS_LINES[status] = line
+    return line
+
+
+def split_target(url: bytes) -> tuple[bytes, bytes | None]:
+    """(origin-form path, authority or None) from a request-target; absolute-form allowed."""
+    if url[:1] == b"/":
+        return url, None
+    if url == b"*":
+        return url, None
+    scheme, sep, rest = url.partition(b"://")
+    if sep and scheme.lower() in (b"http", b"https"):
+        end = len(rest)
+        for delimiter in (b"/", b"?"):
+            position = rest.find(delimiter)
+            if position != -1 and position < end:
+                end = position
+        authority = rest[:end]
+        if not authority or b"@" in authority:
+            raise HttpError(400, "bad authority in absolute-form target")
+        path = rest[end:]
+        if not path:
+            path = b"/"
+        elif path[:1] == b"?":
+            path = b"/" + path
+        return path, authority
+    raise HttpError(400, "unsupported request-target form")
+
+
+@implementer(IPushProducer)
+class _Cycle:
+    """One request/response on the connection; the pipeline's ResponseSink for it."""
+
+    __slots__ = (
+        "connection",
+        "head",
+        "exchange",
+        "pending",
+        "body_expected",
+        "body_done",
+        "body_received",
+        "trailers",
+        "content_length",
+        "keep_alive",
+        "close_after",
+        "is_head",
+        "chunked_response",
+        "response_started",
+        "response_done",
+        "upgrade",
+        "expect_continue",
+        "producer_registered",
+        "error",
+        "request_producer",
+    )
+
+    def __init__(self, connection: H1Connection) -> None:
+        self.connection = connection
+        self.head: RequestHead | None = None
+        self.exchange: Exchange | None = None
+        self.pending: list[bytes] | None = None
+        self.body_expected = False
+        self.body_done = False
+        self.body_received = 0
+        self.trailers: Headers | None = None
+        self.content_length: int | None = None
+        self.keep_alive = True
+        self.close_after = False
+        self.is_head = False
+        self.chunked_response = False
+        self.response_started = False
+        self.response_done = False
+        self.upgrade = False
+        self.expect_continue = False
+        self.producer_registered = False
+        self.error: HttpError | None = None
+        self.request_producer = self
+
+    # IPushProducer: the upstream's transport pauses the client's request body.
+    def pauseProducing(self) -> None:
+        self.connection._pause(_PAUSE_UPSTREAM)
+
+    def resumeProducing(self) -> None:
+        self.connection._resume(_PAUSE_UPSTREAM)
+
+    def stopProducing(self) -> None:
+        # The upstream connection went away; its exchange reports that itself.
+        self.connection._resume(_PAUSE_UPSTREAM)
+
+    # ResponseSink
+    def send_head(self, status: int, headers: Headers) -> None:
+        connection = self.connection
+        self.response_started = True
+        head = self.head
+        no_body = self.is_head or status in _NO_BODY_STATUS or status < 200
+        has_length = False
+        parts = [_status_line(status)]
+        append = parts.append
+        for name, value in headers:
+            if name == b"content-length":
+                has_length = True
+            elif name == b"connection":
+                if value.lower() == b"close":
+                    self.close_after = True
+                continue
+            append(name + b": " + value + b"\r\n")
+        if status == 101:
+            append(b"connection: upgrade\r\n")
+        elif not no_body and not has_length:
+            if head is not None and head.version == b"1.1":
+                self.chunked_response = True
+                append(b"transfer-encoding: chunked\r\n")
+            else:
+                self.close_after = True
+        if status != 101:
+            if self.close_after or not self.keep_alive:
+                self.close_after = True
+                append(b"connection: close\r\n")
+            elif head is not None and head.version == b"1.0":
+                append(b"connection: keep-alive\r\n")
+        append(b"\r\n")
+        connection.transport.write(b"".join(parts))
+
+    def send_data(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.chunked_response:
+            self.connection.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.connection.transport.write(data)
+
+    def send_end(self, trailers: Headers | None = None) -> None:
+        if self.chunked_response:
+            if trailers:
+                self.connection.transport.writeSequence(
+                    [b"0\r\n", *[name + b": " + value + b"\r\n" for name, value in trailers], b"\r\n"]
+                )
+            else:
+                self.connection.transport.write(b"0\r\n\r\n")
+        self.unregister_producer()
+        self.response_done = True
+        self.connection._response_done(self)
+
+    def abort(self) -> None:
+        self.unregister_producer()
+        self.response_done = True
+        self.connection.transport.abortConnection()
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        if not self.producer_registered:
+            self.producer_registered = True
+            self.connection.transport.registerProducer(producer, True)
+
+    def unregister_producer(self) -> None:
+        if self.producer_registered:
+            self.producer_registered = False
+            self.connection.transport.unregisterProducer()
+
+    def start_tunnel(self, upstream: TunnelEnd) -> TunnelEnd:
+        return self.connection._start_tunnel(upstream)
+
+
+@implementer(IPushProducer)
+class _TunnelPauser:
+    """Pauses one end of a tunnel when the other end's transport is full."""
+
+    def __init__(self, end: TunnelEnd) -> None:
+        self.end = end
+
+    def pauseProducing(self) -> None:
+        self.end.pause()
+
+    def resumeProducing(self) -> None:
+        self.end.resume()
+
+    def stopProducing(self) -> None:
+        self.end.close()
+
+
+class _ClientTunnelEnd:
+    def __init__(self, connection: H1Connection) -> None:
+        self.connection = connection
+
+    def write(self, data: bytes) -> None:
+        self.connection.transport.write(data)
+
+    def close(self) -> None:
+        self.connection.transport.loseConnection()
+
+    def pause(self) -> None:
+        self.connection._pause(_PAUSE_UPSTREAM)
+
+    def resume(self) -> None:
+        self.connection._resume(_PAUSE_UPSTREAM)
+
+
+class H1Connection(Protocol):
+    """One client connection speaking HTTP/1.x."""
+
+    def __init__(self, factory: H1Factory) -> None:
+        self.factory = factory
+        self.reactor: IReactorTime = factory.reactor
+        self.pipeline: Pipeline = factory.pipeline
+        self.conn: ConnectionInfo | None = None
+        self.parser: httptools.HttpRequestParser | None = None
+        self.reading: _Cycle | None = None
+        self.active: _Cycle | None = None
+        self.queue: deque[_Cycle] = deque()
+        self.paused = 0
+        self.closing = False
+        self.counted = False
+        self.deadline: float | None = None
+        self.deadline_call = None
+        self.hard_deadline_call = None
+        self.linger_call = None
+        self.url = b""
+        self.headers: Headers = []
+        self.header_total = 0
+        self.in_headers = False
+        self.raw_head_bytes = 0
+        self.tunnel_upstream: TunnelEnd | None = None
+        self.upgrade_buffer: list[bytes] | None = None
+        self.discarding: _Cycle | None = None
+
+    # -- connection lifecycle -----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        peer = transport.getPeer()
+        local = transport.getHost()
+        self.conn = ConnectionInfo(peer.host, peer.port, local.port, tls=self.factory.tls)
+        config = self.factory.holder.current.config
+        if not self.factory.admit(peer.host, config.max_clients, config.max_clients_per_ip):
+            log.info("connection from {peer} refused: client limit reached", peer=peer.host)
+            self.closing = True
+            transport.abortConnection()
+            return
+        self.counted = True
+        try:
+            transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
+        self.parser = httptools.HttpRequestParser(self)
+        self._set_deadline(self.reactor.seconds() + IDLE_TIMEOUT)
+        hard = config.experimental.connection_handling_timeout
+        if hard > 0:
+            self.hard_deadline_call = self.reactor.callLater(hard, self._hard_timeout)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.counted:
+            self.counted = False
+            self.factory.release(self.conn.peer_ip)
+        self.closing = True
+        for call in (self.deadline_call, self.hard_deadline_call, self.linger_call):
+            if call is not None and call.active():
+                call.cancel()
+        self.deadline_call = self.hard_deadline_call = self.linger_call = None
+        self.deadline = None
+        active = self.active
+        self.active = None
+        if active is not None and active.exchange is not None:
+            active.exchange.client_gone()
+
+    def dataReceived(self, data: bytes) -> None:
+        tunnel = self.tunnel_upstream
+        if tunnel is not None:
+            tunnel.write(data)
+            return
+        if self.closing:
+            return
+        if self.upgrade_buffer is not None:
+            self.upgrade_buffer.append(data)
+            self._pause(_PAUSE_UPGRADE)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._parser_upgrade(data[upgrade.args[0]:])
+            return
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, HttpError):
+                self._protocol_error(cause.status, cause.reason)
+            else:
+                log.failure("request handling failed", Failure(cause) if cause is not None else None)
+                self._protocol_error(500, "internal error")
+            return
+        except httptools.HttpParserError as error:
+            self._protocol_error(400, str(error))
+            return
+        if self.in_headers:
+            # Everything fed so far belonged to an unfinished head: cap it (llhttp would buffer it).
+            self.raw_head_bytes += len(data)
+            if self.raw_head_bytes > MAX_HEADER_BLOCK + MAX_REQUEST_LINE:
+                self._protocol_error(414 if not self.headers and self.url else 431, "request head too large")
+
+    # -- parser callbacks -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.reading = _Cycle(self)
+        self.url = b""
+        self.headers = []
+        self.header_total = 0
+        self.raw_head_bytes = 0
+        self.in_headers = True
+        self._set_deadline(self.reactor.seconds() + HEADER_TIMEOUT)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > MAX_REQUEST_LINE:
+            raise HttpError(414, "request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_headers:
+            cycle = self.reading
+            if cycle is not None:
+                if cycle.trailers is None:
+                    cycle.trailers = []
+                if len(cycle.trailers) >= MAX_HEADER_COUNT:
+                    raise HttpError(431, "too many trailer fields")
+                cycle.trailers.append((name.lower(), value))
+            return
+        headers = self.headers
+        if len(headers) >= MAX_HEADER_COUNT:
+            raise HttpError(431, "too many header fields")
+        self.header_total += len(name) + len(value) + 4
+        if self.header_total > MAX_HEADER_BLOCK:
+            raise HttpError(431, "header block too large")
+        headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.in_headers = False
+        self.deadline = None
+        parser = self.parser
+        cycle = self.reading
+        method = parser.get_method()
+        version = parser.get_http_version().encode()
+        if version not in (b"1.1", b"1.0"):
+            raise HttpError(505, "unsupported HTTP version")
+        if method == b"CONNECT":
+            raise HttpError(405, "CONNECT is not supported")
+        path, authority = split_target(self.url)
+        headers = self.headers
+        head = RequestHead(method, path, version, headers, authority)
+        content_length = check_request_head(head, http1=True)
+        chunked = False
+        expect = None
+        for name, value in headers:
+            if name == b"transfer-encoding":
+                chunked = True
+            elif name == b"expect":
+                expect = value
+        cycle.head = head
+        cycle.content_length = content_length
+        cycle.body_expected = chunked or bool(content_length)
+        cycle.body_done = not cycle.body_expected
+        cycle.keep_alive = parser.should_keep_alive()
+        cycle.is_head = method == b"HEAD"
+        if parser.should_upgrade():
+            cycle.upgrade = True
+            cycle.close_after = True  # unless the upstream switches protocols
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                raise HttpError(417, "unsupported expectation")
+            head.headers = [(name, value) for name, value in headers if name != b"expect"]
+            cycle.expect_continue = version == b"1.1" and cycle.body_expected
+        if cycle.body_expected:
+            cycle.pending = []
+        if self.active is None:
+            self._dispatch(cycle)
+        else:
+            self.queue.append(cycle)
+            self._pause(_PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.reading
+        if cycle is None:
+            return
+        cycle.body_received += len(body)
+        if cycle.response_done:
+            if cycle.body_received > MAX_DISCARD:
+                self._close(linger=True)
+            return
+        exchange = cycle.exchange
+        if exchange is not None:
+            exchange.request_data(body)
+        elif cycle.pending is not None:
+            cycle.pending.append(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self.reading
+        self.reading = None
+        if cycle is None or cycle.head is None:
+            return
+        if not cycle.body_done:
+            cycle.body_done = True
+            exchange = cycle.exchange
+            if exchange is not None:
+                exchange.request_end(cycle.trailers)
+            if cycle.response_done and not self.closing:
+                self._next()
+
+    # -- request dispatch and response ordering ----------------------------------
+
+    def _dispatch(self, cycle: _Cycle) -> None:
+        self.active = cycle
+        head = cycle.head
+        if cycle.error is not None:
+            send_local_response(cycle, cycle.error.status, close=True)
+            return
+        exchange = self.pipeline.handle(
+            self.conn, head, cycle, content_length=cycle.content_length, body_expected=cycle.body_expected
+        )
+        cycle.exchange = exchange
+        if cycle.response_done:
+            return
+        if cycle.expect_continue and not cycle.response_started:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        pending = cycle.pending
+        if pending:
+            cycle.pending = None
+            for chunk in pending:
+                exchange.request_data(chunk)
+        else:
+            cycle.pending = None
+        if cycle.body_expected and cycle.body_done:
+            exchange.request_end(cycle.trailers)
+
+    def _response_done(self, cycle: _Cycle) -> None:
+        if self.active is not cycle:
+            return
+        self.active = None
+        if self.closing:
+            return
+        if cycle.close_after:
+            self._close(linger=not cycle.body_done)
+            return
+        if not cycle.body_done:
+            remaining = (cycle.content_length or 0) - cycle.body_received
+            if cycle.content_length is None or remaining > MAX_DISCARD:
+                self._close(linger=True)
+            # else: the rest of the body is read and discarded; on_message_complete continues.
+            return
+        self._next()
+
+    def _next(self) -> None:
+        if self.queue:
+            cycle = self.queue.popleft()
+            if not self.queue:
+                self._resume(_PAUSE_PIPELINE)
+            self._dispatch(cycle)
+        elif self.reading is None:
+            self._set_deadline(self.reactor.seconds() + IDLE_TIMEOUT)
+
+    def _protocol_error(self, status: int, why: str) -> None:
+        """Malformed or over-limit input: answer ``status`` in turn, then close."""
+        if self.closing:
+            return
+        log.debug("bad request from {peer}: {why}", peer=self.conn.peer_ip if self.conn else "?", why=why)
+        self.in_headers = False
+        self.deadline = None
+        cycle = _Cycle(self)
+        cycle.head = self.reading.head if self.reading is not None and self.reading.head is not None else None
+        cycle.error = HttpError(status, why)
+        cycle.keep_alive = False
+        cycle.close_after = True
+        self.reading = None
+        # Nothing after malformed input can be trusted: stop parsing.
+        self.parser = None
+        self.upgrade_buffer = None
+        self.queue.clear()
+        if self.active is None:
+            self._dispatch(cycle)
+        else:
+            self.queue.append(cycle)
+        self.closing = True if self.active is None else self.closing
+
+    def _parser_upgrade(self, rest: bytes) -> None:
+        cycle = self.active if self.active is not None and self.active.upgrade else None
+        if cycle is None:
+            for queued in self.queue:
+                if queued.upgrade:
+                    cycle = queued
+        if cycle is not None and cycle.response_done:
+            # The pipeline answered locally (or the upstream declined): the connection closes.
+            self._close(linger=False)
+            return
+        if cycle is None:
+            # e.g. ``Upgrade: h2c`` that we never honour: keep speaking HTTP/1.1.
+            self.parser = httptools.HttpRequestParser(self)
+            if rest:
+                self.dataReceived(rest)
+            return
+        self.upgrade_buffer = [rest] if rest else []
+        self._pause(_PAUSE_UPGRADE)
+
+    def _start_tunnel(self, upstream: TunnelEnd) -> TunnelEnd:
+        self.tunnel_upstream = upstream
+        self.deadline = None
+        cycle = self.active
+        if cycle is not None:
+            cycle.response_done = True
+        self.active = None
+        self.queue.clear()
+        client_end = _ClientTunnelEnd(self)
+        self.transport.registerProducer(_TunnelPauser(upstream), True)
+        buffered, self.upgrade_buffer = self.upgrade_buffer, None
+        if buffered:
+            for chunk in buffered:
+                upstream.write(chunk)
+        self.paused = 0
+        self.transport.resumeProducing()
+        self._tunnel_cycle = cycle
+        return client_end
+
+    # -- flow control, timers, closing --------------------------------------------------
+
+    def _pause(self, why: int) -> None:
+        if not self.paused:
+            self.transport.pauseProducing()
+        self.paused |= why
+
+    def _resume(self, why: int) -> None:
+        if self.paused & why:
+            self.paused &= ~why
+            if not self.paused and not self.closing:
+                self.transport.resumeProducing()
+
+    def _set_deadline(self, when: float) -> None:
+        self.deadline = when
+        if self.deadline_call is None:
+            self.deadline_call = self.reactor.callLater(when - self.reactor.seconds(), self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self.deadline_call = None
+        deadline = self.deadline
+        if deadline is None or self.closing:
+            return
+        now = self.reactor.seconds()
+        if now < deadline:
+            self.deadline_call = self.reactor.callLater(deadline - now, self._check_deadline)
+            return
+        if self.in_headers:
+            log.info("request head from {peer} not received in time", peer=self.conn.peer_ip)
+        self._close(linger=False)
+
+    def _hard_timeout(self) -> None:
+        self.hard_deadline_call = None
+        log.info("connection from {peer} hit connection_handling_timeout", peer=self.conn.peer_ip)
+        self.closing = True
+        self.transport.abortConnection()
+
+    def _close(self, *, linger: bool) -> None:
+        """Close after the written response; with ``linger``, half-close first so that the
+        client reads our answer before the unread rest of its upload could reset the connection."""
+        if self.closing:
+            return
+        self.closing = True
+        self.deadline = None
+        if linger:
+            lose_write = getattr(self.transport, "loseWriteConnection", None)
+            if lose_write is not None:
+                self.transport.resumeProducing()
+                lose_write()
+                self.linger_call = self.reactor.callLater(LINGER_SECONDS, self._linger_over)
+                return
+        self.transport.loseConnection()
+
+    def _linger_over(self) -> None:
+        self.linger_call = None
+        self.transport.loseConnection()
+
+
+class H1Factory(Factory):
+    """Builds :class:`H1Connection` for one listener and counts clients for the limits."""
+
+    protocol = H1Connection
+    noisy = False
+
+    def __init__(self, pipeline: Pipeline, holder: StateHolder, reactor: IReactorTime, *, tls: bool = False) -> None:
+        self.pipeline = pipeline
+        self.holder = holder
+        self.reactor = reactor
+        self.tls = tls
+        self.active = 0
+        self.per_ip: dict[str, int] = {}
+
+    def buildProtocol(self, addr) -> H1Connection:  # type: ignore[override]
+        return H1Connection(self)
+
+    def admit(self, ip: str, max_clients: int, max_per_ip: int) -> bool:
+        """Count a new connection unless it would exceed a limit."""
+        if max_clients and self.active >= max_clients:
+            return False
+        if max_per_ip:
+            count = self.per_ip.get(ip, 0)
+            if count >= max_per_ip:
+                return False
+            self.per_ip[ip] = count + 1
+        self.active += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self.active -= 1
+        count = self.per_ip.get(ip)
+        if count is not None:
+            if count <= 1:
+                del self.per_ip[ip]
+            else:
+                self.per_ip[ip] = count - 1

@@ -1,0 +1,145 @@
+"""rpxy-style logs: ``access.log`` lines and the system log (``rpxy.log``).
+
+The access log is on the hot path, so lines are formatted with plain string
+operations, written to a buffered file and flushed on a timer instead of on every
+request; the system log goes through ``twisted.logger`` like everything else in Twisted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import IO, TextIO
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogBeginner,
+)
+from zope.interface import implementer
+
+from rpxy.message import ConnectionInfo, RequestHead
+from rpxy.policy.responses import reason
+
+_FLUSH_INTERVAL = 1.0
+
+
+def format_timestamp(when: float) -> str:
+    """RFC 3339 UTC with microseconds, as rpxy writes it."""
+    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def redact_query(path: str) -> str:
+    """``/p?a=1&b`` → ``/p?a=<redacted>&b``: keeps the shape, hides the values."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    parts = []
+    for item in query.split("&"):
+        name, eq, _value = item.partition("=")
+        parts.append(f"{name}=<redacted>" if eq else name)
+    return base + "?" + "&".join(parts)
+
+
+class AccessLog:
+    """Writes one rpxy access line per finished request."""
+
+    def __init__(self, stream: IO[str], reactor: IReactorTime | None = None, *, redact: bool = False) -> None:
+        self.stream = stream
+        self.reactor = reactor
+        self.redact = redact
+        self._flush_call = None
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        return "%s.%06dZ" % (self._second_text, int((now - second) * 1_000_000))
+
+    def record(self, conn: ConnectionInfo, head: RequestHead, host: str, status: int, *, upstream: str) -> None:
+        user_agent = xff = ""
+        forwarded = None
+        for name, value in head.headers:
+            if name == b"user-agent":
+                user_agent = value.decode("latin-1")
+            elif name == b"x-forwarded-for":
+                xff = value.decode("latin-1") if not xff else xff + ", " + value.decode("latin-1")
+            elif name == b"forwarded":
+                forwarded = value.decode("latin-1")
+        path = head.path.decode("latin-1")
+        if self.redact:
+            path = redact_query(path)
+        scheme = "https" if conn.tls else "http"
+        target = f"{scheme}://{host}{path.partition('?')[0]}"
+        version = "HTTP/" + head.version.decode("ascii")
+        line = (
+            f"{self._timestamp()} {host} <- {conn.peer_ip}:{conn.peer_port} -- "
+            f"{head.method.decode('latin-1')} {path} {version} -- {status} {reason(status).decode('latin-1')} -- "
+            f'{target} "{user_agent}", "{xff}"'
+        )
+        if forwarded is not None:
+            line += f' "{forwarded}"'
+        line += f' "{upstream}"\n'
+        self.stream.write(line)
+        if self._flush_call is None and self.reactor is not None:
+            self._flush_call = self.reactor.callLater(_FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        self._flush_call = None
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self.flush()
+
+
+@implementer(ILogObserver)
+class SystemLogObserver:
+    """``<RFC3339> <LEVEL> <namespace>: <message>`` lines, like rpxy's system log."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def __call__(self, event: dict) -> None:
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}\n{failure.getTraceback()}"
+        level = event.get("log_level", LogLevel.info).name.upper()
+        namespace = event.get("log_namespace", "-")
+        line = f"{format_timestamp(event.get('log_time', time.time()))} {level:5} {namespace}: {text}\n"
+        try:
+            self.stream.write(line)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def open_log_files(log_dir: str | None) -> tuple[IO[str], TextIO]:
+    """(access stream, system stream): files appended in ``log_dir``, else stdout."""
+    if log_dir is None:
+        return sys.stdout, sys.stdout
+    os.makedirs(log_dir, exist_ok=True)
+    access = open(os.path.join(log_dir, "access.log"), "a", encoding="utf-8", buffering=1 << 16)
+    system = open(os.path.join(log_dir, "rpxy.log"), "a", encoding="utf-8")
+    return access, system
+
+
+def start_system_logging(stream: TextIO, level: LogLevel = LogLevel.info) -> None:
+    """Route every twisted.logger event at ``level`` or above to ``stream`` (rpxy CLI only)."""
+    observer = FilteringLogObserver(SystemLogObserver(stream), [LogLevelFilterPredicate(defaultLogLevel=level)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

@@ -1,0 +1,545 @@
+"""The one request pipeline shared by every front end.
+
+A front end hands over a parsed :class:`~rpxy.message.RequestHead` and a
+:class:`~rpxy.streams.ResponseSink`; :meth:`Pipeline.handle` applies rpxy's rules in
+their documented order (Host → body size → app → HTTPS redirect → path → upstream)
+and returns the :class:`~rpxy.streams.Exchange` the front end feeds with the request
+body. Local answers (400, 404, 301, ...) have empty bodies as in rpxy; everything
+else is streamed to and from an upstream with backpressure both ways.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
+from rpxy.policy.headers.request import prepare_request_headers
+from rpxy.policy.headers.response import prepare_response_headers
+from rpxy.policy.host import request_host
+from rpxy.policy.paths import rewrite_path, split_path_query
+from rpxy.policy.responses import https_redirect_location
+from rpxy.upstream.h1client import UpstreamConnection
+from rpxy.upstream.sticky import strip_sticky_cookie
+
+if TYPE_CHECKING:
+    from rpxy.logs import AccessLog
+    from rpxy.state import AppRuntime, RouteRuntime, RuntimeState, StateHolder
+    from rpxy.streams import ResponseSink, TunnelEnd
+    from rpxy.upstream.pool import UpstreamPool
+
+log = Logger()
+
+_SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+_SERVER = (b"server", b"rpxy")
+
+
+class Pipeline:
+    """Routes requests of every front end with the state current when each request starts."""
+
+    def __init__(self, holder: StateHolder, reactor: IReactorTime, access_log: AccessLog) -> None:
+        self.holder = holder
+        self.reactor = reactor
+        self.access_log = access_log
+
+    def handle(
+        self,
+        conn: ConnectionInfo,
+        head: RequestHead,
+        sink: ResponseSink,
+        *,
+        content_length: int | None,
+        body_expected: bool,
+    ) -> _LocalExchange | ProxyExchange:
+        state = self.holder.current
+        try:
+            host, original_host = request_host(head)
+        except HttpError as error:
+            log.debug("rejected request from {peer}: {reason}", peer=conn.peer_ip, reason=error.reason)
+            return self._local(error.status, conn, head, sink, host="", close=True)
+        max_body = state.max_body
+        if max_body and content_length is not None and content_length > max_body:
+            return self._local(413, conn, head, sink, host=host, close=True)
+
+        app = state.apps.lookup(host)
+        fallback = False
+        if app is None:
+            if not conn.tls and state.default_app is not None:
+                app = state.default_app
+                fallback = True
+            else:
+                return self._local(503, conn, head, sink, host=host)
+
+        if not conn.tls and app.https_redirection:
+            location = https_redirect_location(app.server_name, state.https_port_for_clients, head.path)
+            return self._local(301, conn, head, sink, host=host, extra=[(b"location", location)])
+
+        path, _query = split_path_query(head.path)
+        match = app.paths.lookup(path)
+        if match is None:
+            return self._local(404, conn, head, sink, host=host)
+        prefix, route = match
+
+        upgrade = _requested_upgrade(head.headers) if head.version == b"1.1" else None
+        if fallback and not route.set_upstream_host:
+            upstream_host: bytes | None = app.server_name_bytes
+        else:
+            upstream_host = None
+        prepared = prepare_request_headers(
+            head.headers,
+            conn=conn,
+            original_host=original_host,
+            original_uri=head.path,
+            trusted=state.trusted,
+            add_forwarded=route.forwarded_header,
+            upstream_host=upstream_host,
+            upgrade_insecure=route.upgrade_insecure,
+            upgrade=upgrade,
+        )
+        headers = prepared.headers
+        if route.sticky:
+            choice = route.group.choose(
+                cookie_values=[value for name, value in headers if name == b"cookie"],
+                now=self.reactor.seconds(),
+                secure=conn.tls,
+            )
+            headers = strip_sticky_cookie(headers)
+        else:
+            choice = route.group.choose()
+        exchange = ProxyExchange(
+            self,
+            state,
+            conn,
+            head,
+            sink,
+            app=app,
+            route=route,
+            host=host,
+            upstream_path=rewrite_path(head.path, prefix, route.replace_path),
+            headers=headers,
+            index=choice.index,
+            set_cookie=choice.set_cookie,
+            upgrade=upgrade,
+            content_length=content_length,
+            body_expected=body_expected,
+            max_body=max_body,
+        )
+        exchange.start()
+        return exchange
+
+    def _local(
+        self,
+        status: int,
+        conn: ConnectionInfo,
+        head: RequestHead,
+        sink: ResponseSink,
+        *,
+        host: str,
+        close: bool = False,
+        extra: Headers | None = None,
+    ) -> _LocalExchange:
+        send_local_response(sink, status, close=close, extra=extra)
+        self.access_log.record(conn, head, host, status, upstream="")
+        return _LOCAL_EXCHANGE
+
+
+def send_local_response(sink: ResponseSink, status: int, *, close: bool = False, extra: Headers | None = None) -> None:
+    """An rpxy-made response: empty body, ``Server: rpxy``."""
+    headers: Headers = [_SERVER, (b"content-length", b"0")]
+    if extra:
+        headers.extend(extra)
+    if close:
+        headers.append((b"connection", b"close"))
+    sink.send_head(status, headers)
+    sink.send_end(None)
+
+
+def _requested_upgrade(headers: Headers) -> bytes | None:
+    """The client's Upgrade value when it asks for a protocol switch we relay (never h2c)."""
+    upgrade = None
+    connection_upgrade = False
+    for name, value in headers:
+        if name == b"upgrade":
+            upgrade = value
+        elif name == b"connection" and b"upgrade" in value.lower():
+            connection_upgrade = any(token.strip() == b"upgrade" for token in value.lower().split(b","))
+    if upgrade is None or not connection_upgrade or upgrade.strip().lower() == b"h2c":
+        return None
+    return upgrade.strip()
+
+
+class _LocalExchange:
+    """A request answered locally: its body (if any) is discarded."""
+
+    def request_data(self, data: bytes) -> None:
+        pass
+
+    def request_end(self, trailers: Headers | None = None) -> None:
+        pass
+
+    def client_gone(self) -> None:
+        pass
+
+
+_LOCAL_EXCHANGE = _LocalExchange()
+
+
+class ProxyExchange:
+    """One request relayed to one upstream over HTTP/1.1, streaming both ways."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        state: RuntimeState,
+        conn: ConnectionInfo,
+        head: RequestHead,
+        sink: ResponseSink,
+        *,
+        app: AppRuntime,
+        route: RouteRuntime,
+        host: str,
+        upstream_path: bytes,
+        headers: Headers,
+        index: int,
+        set_cookie: bytes | None,
+        upgrade: bytes | None,
+        content_length: int | None,
+        body_expected: bool,
+        max_body: int,
+    ) -> None:
+        self.pipeline = pipeline
+        self.state = state
+        self.conn = conn
+        self.head = head
+        self.sink = sink
+        self.app = app
+        self.route = route
+        self.host = host
+        self.upstream_path = upstream_path
+        self.headers = headers
+        self.index = index
+        self.set_cookie = set_cookie
+        self.upgrade = upgrade
+        self.content_length = content_length
+        self.body_expected = body_expected
+        self.max_body = max_body if content_length is None else 0
+        self.body_seen = 0
+        self.upstream: UpstreamConnection | None = None
+        self.pending: list[bytes] | None = [] if body_expected else None
+        self.request_done = not body_expected
+        self.request_trailers: Headers | None = None
+        self.response_started = False
+        self.finished = False
+        self.status = 0
+        self.tried_alternative = False
+        self.retried_stale = False
+        self.timer = None
+        self.client_tunnel: TunnelEnd | None = None
+        self.paused_client = False
+        self.producer_registered = False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    @property
+    def pool(self) -> UpstreamPool:
+        return self.route.pools[self.index]
+
+    def start(self, *, fresh: bool = False) -> None:
+        if self.body_expected and not self.paused_client:
+            # Hold the client's body until the upstream connection exists.
+            self.paused_client = True
+            self.sink.request_producer.pauseProducing()
+        self.pool.acquire(self._connected, self._connect_failed, fresh=fresh)
+
+    def _connected(self, upstream: UpstreamConnection) -> None:
+        if self.finished:
+            # The client left while we connected: keep the connection for someone else.
+            upstream.pool.release(upstream)
+            return
+        self.upstream = upstream
+        has_body = self.body_expected
+        chunked = has_body and self.content_length is None
+        upstream.send_request(
+            self,
+            self._encode_head(chunked),
+            is_head=self.head.method == b"HEAD",
+            chunked_body=chunked,
+        )
+        timeout = self.state.config.upstream_response_timeout
+        if timeout > 0:
+            self.timer = self.pipeline.reactor.callLater(timeout, self._response_timeout)
+        pending = self.pending
+        if pending:
+            for chunk in pending:
+                upstream.write_body(chunk)
+        self.pending = None
+        if self.request_done:
+            upstream.end_body(self.request_trailers)
+        else:
+            upstream.transport.registerProducer(self.sink.request_producer, True)
+            self.producer_registered = True
+        if self.paused_client:
+            self.paused_client = False
+            self.sink.request_producer.resumeProducing()
+
+    def _encode_head(self, chunked: bool) -> bytes:
+        route = self.route
+        host_override = route.upstream_hosts[self.index] if route.set_upstream_host else None
+        parts = [self.head.method, b" ", self.upstream_path, b" HTTP/1.1\r\n"]
+        for name, value in self.headers:
+            if host_override is not None and name == b"host":
+                continue
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
+        if host_override is not None:
+            parts.append(b"host: " + host_override + b"\r\n")
+        if chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        if self.finished:
+            return
+        log.warn(
+            "upstream {upstream} connect failed: {error}",
+            upstream=self.route.upstream_uris[self.index],
+            error=failure.getErrorMessage(),
+        )
+        if not self.tried_alternative:
+            self.tried_alternative = True
+            alternative = self.route.group.alternative(self.index)
+            if alternative is not None:
+                self.index = alternative.index
+                self.start()
+                return
+        self._fail_before_response(502)
+
+    def _response_timeout(self) -> None:
+        self.timer = None
+        if self.response_started or self.finished:
+            return
+        log.warn("upstream {upstream} did not answer in time", upstream=self.route.upstream_uris[self.index])
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abort()
+        self._fail_before_response(504)
+
+    def _fail_before_response(self, status: int) -> None:
+        self._cancel_timer()
+        self._drop_request_producer()
+        if self.paused_client:
+            self.paused_client = False
+            self.sink.request_producer.resumeProducing()
+        send_local_response(self.sink, status, close=not self.request_done)
+        self._finish(status)
+
+    def _finish(self, status: int) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.status = status
+        self.pipeline.access_log.record(
+            self.conn,
+            self.head,
+            self.host,
+            status,
+            upstream=self.route.upstream_uris[self.index] + self.upstream_path.split(b"?", 1)[0].decode("latin-1"),
+        )
+
+    def _cancel_timer(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+
+    def _drop_request_producer(self) -> None:
+        upstream = self.upstream
+        if self.producer_registered:
+            self.producer_registered = False
+            if upstream is not None and upstream.transport is not None:
+                upstream.transport.unregisterProducer()
+
+    # -- Exchange: events from the client ----------------------------------------
+
+    def request_data(self, data: bytes) -> None:
+        if self.finished and self.client_tunnel is None:
+            return
+        if self.max_body:
+            self.body_seen += len(data)
+            if self.body_seen > self.max_body:
+                self._body_too_large()
+                return
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write_body(data)
+        elif self.pending is not None:
+            self.pending.append(data)
+
+    def request_end(self, trailers: Headers | None = None) -> None:
+        if self.request_done:
+            return
+        self.request_done = True
+        upstream = self.upstream
+        if upstream is None:
+            self.request_trailers = trailers
+            return
+        if self.finished:
+            return
+        self._drop_request_producer()
+        upstream.end_body(trailers)
+
+    def client_gone(self) -> None:
+        self._cancel_timer()
+        self._drop_request_producer()
+        if self.client_tunnel is not None:
+            upstream, self.upstream = self.upstream, None
+            if upstream is not None:
+                upstream.close()
+            return
+        if self.finished:
+            return
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abort()
+        self._finish(self.status or 499)
+
+    def _body_too_large(self) -> None:
+        log.info("request body over request_max_body_size from {peer}", peer=self.conn.peer_ip)
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abort()
+        if self.response_started:
+            self.sink.abort()
+            self._finish(self.status)
+        else:
+            self.request_done = True  # nothing more is read; the connection closes
+            self._cancel_timer()
+            send_local_response(self.sink, 413, close=True)
+            self._finish(413)
+
+    # -- ResponseHandler: events from the upstream -----------------------------
+
+    def upstream_head(self, status: int, headers: Headers, keep_alive: bool) -> None:
+        self._cancel_timer()
+        if self.finished:
+            return
+        if status == 101:
+            offered = None
+            for name, value in headers:
+                if name == b"upgrade":
+                    offered = value.strip().lower()
+            if self.upgrade is None or offered != self.upgrade.lower():
+                log.warn("upstream switched protocols without a matching Upgrade")
+                upstream, self.upstream = self.upstream, None
+                if upstream is not None:
+                    upstream.abort()
+                self._fail_before_response(500)
+                return
+            self.response_started = True
+            self.status = 101
+            self.sink.send_head(101, prepare_response_headers(headers, alt_svc=None, upgrade=True))
+            self._start_tunnel()
+            return
+        self.response_started = True
+        self.status = status
+        headers = prepare_response_headers(headers, alt_svc=None, upgrade=False)
+        if self.set_cookie is not None:
+            headers.append((b"set-cookie", self.set_cookie))
+        sink = self.sink
+        sink.send_head(status, headers)
+        upstream = self.upstream
+        if upstream is not None:
+            sink.register_producer(upstream)
+
+    def upstream_data(self, data: bytes) -> None:
+        if not self.finished:
+            self.sink.send_data(data)
+
+    def upstream_end(self, trailers: Headers | None) -> None:
+        if self.client_tunnel is not None:
+            tunnel, self.client_tunnel = self.client_tunnel, None
+            tunnel.close()
+            return
+        if self.finished:
+            return
+        sink = self.sink
+        sink.unregister_producer()
+        self._drop_request_producer()
+        upstream = self.upstream
+        if not self.request_done:
+            # The upstream answered before reading the whole body: that connection is spent.
+            self.upstream = None
+            if upstream is not None:
+                upstream.close()
+        else:
+            self.upstream = None
+        sink.send_end(trailers)
+        self._finish(self.status)
+
+    def upstream_failed(self, reason: str, received_anything: bool) -> None:
+        self._cancel_timer()
+        self._drop_request_producer()
+        upstream, self.upstream = self.upstream, None
+        if self.finished:
+            return
+        if (
+            not received_anything
+            and upstream is not None
+            and upstream.reused
+            and not self.retried_stale
+            and not self.body_expected
+            and self.head.method in _SAFE_METHODS
+        ):
+            # A pooled connection the upstream had closed: retry once on a fresh one.
+            self.retried_stale = True
+            self.start(fresh=True)
+            return
+        log.warn(
+            "upstream {upstream} failed: {reason}",
+            upstream=self.route.upstream_uris[self.index],
+            reason=reason,
+        )
+        if self.response_started:
+            self.sink.unregister_producer()
+            self.sink.abort()
+            self._finish(self.status)
+        else:
+            self._fail_before_response(502)
+
+    # -- WebSocket / Upgrade tunnel ----------------------------------------------
+
+    def _start_tunnel(self) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        self.client_tunnel = self.sink.start_tunnel(_UpstreamTunnelEnd(upstream))
+        self._finish(101)
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        tunnel = self.client_tunnel
+        if tunnel is not None:
+            tunnel.write(data)
+
+
+class _UpstreamTunnelEnd:
+    """The upstream side of a relayed upgrade."""
+
+    def __init__(self, upstream: UpstreamConnection) -> None:
+        self.upstream = upstream
+
+    def write(self, data: bytes) -> None:
+        self.upstream.tunnel_write(data)
+
+    def close(self) -> None:
+        self.upstream.close()
+
+    def pause(self) -> None:
+        self.upstream.pauseProducing()
+
+    def resume(self) -> None:
+        self.upstream.resumeProducing()

@@ -1,0 +1,142 @@
+"""One keep-alive connection pool per upstream.
+
+Idle connections are reused most-recently-used first (the warmest socket, and the
+least likely to have been closed by the upstream's own idle timer) and expire after
+``idle_timeout`` by a periodic sweep rather than a timer per connection, which would
+cost a heap operation on every request. The pool is bounded: beyond ``max_idle`` a
+returned connection is closed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Callable
+
+from twisted.internet import ssl
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rpxy.config.model import UpstreamConfig
+from rpxy.upstream.h1client import UpstreamConnection
+
+log = Logger()
+
+
+def _endpoint(reactor, upstream: UpstreamConfig, connect_timeout: float) -> IStreamClientEndpoint:
+    try:
+        address = ipaddress.ip_address(upstream.host)
+    except ValueError:
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, upstream.host, upstream.port, timeout=connect_timeout)
+    else:
+        if address.version == 4:
+            endpoint = TCP4ClientEndpoint(reactor, upstream.host, upstream.port, timeout=connect_timeout)
+        else:
+            endpoint = TCP6ClientEndpoint(reactor, upstream.host, upstream.port, timeout=connect_timeout)
+    if upstream.tls:
+        trust_root = None
+        if upstream.ca_cert_path:
+            with open(upstream.ca_cert_path, "rb") as ca_file:
+                trust_root = ssl.Certificate.loadPEM(ca_file.read())
+        creator = ssl.optionsForClientTLS(
+            upstream.host,
+            trustRoot=trust_root if trust_root is not None else ssl.platformTrust(),
+            acceptableProtocols=[b"http/1.1"],
+        )
+        endpoint = wrapClientTLS(creator, endpoint)
+    return endpoint
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr) -> UpstreamConnection:  # type: ignore[override]
+        return UpstreamConnection(self.pool)
+
+
+class UpstreamPool:
+    """Keep-alive HTTP/1.1 connections to one upstream."""
+
+    def __init__(
+        self,
+        upstream: UpstreamConfig,
+        reactor,
+        *,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 15.0,
+        max_idle: int = 128,
+    ) -> None:
+        self.upstream = upstream
+        self.reactor = reactor
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self._idle: list[UpstreamConnection] = []
+        self._endpoint = _endpoint(reactor, upstream, connect_timeout)
+        self._factory = _ConnectionFactory(self)
+        self._sweeper = None
+        self._closed = False
+
+    def acquire(
+        self,
+        on_ready: Callable[[UpstreamConnection], None],
+        on_error: Callable[[Failure], None],
+        *,
+        fresh: bool = False,
+    ) -> None:
+        """Hand a connection to ``on_ready`` (reused when possible) or a failure to ``on_error``."""
+        idle = self._idle
+        while idle and not fresh:
+            connection = idle.pop()
+            if connection.transport is not None and connection.transport.connected:
+                connection.reused = True
+                on_ready(connection)
+                return
+        deferred = self._endpoint.connect(self._factory)
+        deferred.addCallbacks(on_ready, on_error)
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """Take back a connection whose exchange finished cleanly."""
+        if self._closed or len(self._idle) >= self.max_idle:
+            connection.close()
+            return
+        connection.idle_since = self.reactor.seconds()
+        self._idle.append(connection)
+        if self._sweeper is None:
+            self._sweeper = self.reactor.callLater(self.idle_timeout / 2, self._sweep)
+
+    def connection_lost(self, connection: UpstreamConnection) -> None:
+        try:
+            self._idle.remove(connection)
+        except ValueError:
+            pass
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        deadline = self.reactor.seconds() - self.idle_timeout
+        keep = []
+        for connection in self._idle:
+            if connection.idle_since <= deadline:
+                connection.close()
+            else:
+                keep.append(connection)
+        self._idle = keep
+        if keep and not self._closed:
+            self._sweeper = self.reactor.callLater(self.idle_timeout / 2, self._sweep)
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        """Close idle connections and stop sweeping; busy ones close when their exchange ends."""
+        self._closed = True
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
