@@ -74,7 +74,9 @@ class Pipeline:
                 return self._local(503, conn, head, sink, host=host)
 
         if not conn.tls and app.https_redirection:
-            location = https_redirect_location(app.server_name, state.https_port_for_clients, head.path)
+            # A wildcard app redirects to the name the client asked for, not to "*.example.com".
+            redirect_host = host if app.server_name.startswith("*.") else app.server_name
+            location = https_redirect_location(redirect_host, state.https_port_for_clients, head.path)
             return self._local(301, conn, head, sink, host=host, extra=[(b"location", location)])
 
         path, _query = split_path_query(head.path)
@@ -460,6 +462,10 @@ class ProxyExchange:
     def upstream_data(self, data: bytes) -> None:
         if not self.finished:
             self.sink.send_data(data)
+
+    def upstream_flush(self) -> None:
+        if not self.finished:
+            self.sink.flush()
 
     def upstream_end(self, trailers: Headers | None) -> None:
         if self.client_tunnel is not None:

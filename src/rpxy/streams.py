@@ -27,6 +27,9 @@ class ResponseSink(Protocol):
 
     def send_data(self, data: bytes) -> None: ...
 
+    def flush(self) -> None:
+        """Write out anything held back (a sink may delay a head to coalesce it with the body)."""
+
     def send_end(self, trailers: Headers | None = None) -> None: ...
 
     def abort(self) -> None:

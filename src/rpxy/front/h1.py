@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
+from rpxy.netio import write_now
 from rpxy.pipeline import send_local_response
 from rpxy.policy.responses import reason
 from rpxy.policy.validate import MAX_HEADER_COUNT, check_request_head
@@ -111,6 +112,7 @@ class _Cycle:
         "producer_registered",
         "error",
         "request_producer",
+        "unsent_head",
     )
 
     def __init__(self, connection: H1Connection) -> None:
@@ -134,6 +136,7 @@ class _Cycle:
         self.producer_registered = False
         self.error: HttpError | None = None
         self.request_producer = self
+        self.unsent_head: bytes | None = None
 
     # IPushProducer: the upstream's transport pauses the client's request body.
     def pauseProducing(self) -> None:
@@ -178,24 +181,42 @@ class _Cycle:
             elif head is not None and head.version == b"1.0":
                 append(b"connection: keep-alive\r\n")
         append(b"\r\n")
-        connection.transport.write(b"".join(parts))
+        # Held back until the first body bytes, the end, or flush(): one send per small response.
+        self.unsent_head = b"".join(parts)
+
+    def flush(self) -> None:
+        """Send a head still held back (the upstream's bytes so far are all relayed)."""
+        head = self.unsent_head
+        if head is not None:
+            self.unsent_head = None
+            write_now(self.connection.transport, head)
 
     def send_data(self, data: bytes) -> None:
         if not data:
             return
-        if self.chunked_response:
-            self.connection.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        head = self.unsent_head
+        if head is not None:
+            self.unsent_head = None
         else:
-            self.connection.transport.write(data)
+            head = b""
+        if self.chunked_response:
+            write_now(self.connection.transport, b"".join((head, b"%x\r\n" % len(data), data, b"\r\n")))
+        else:
+            write_now(self.connection.transport, head + data if head else data)
 
     def send_end(self, trailers: Headers | None = None) -> None:
+        head = self.unsent_head or b""
+        self.unsent_head = None
         if self.chunked_response:
             if trailers:
-                self.connection.transport.writeSequence(
+                end = b"".join(
                     [b"0\r\n", *[name + b": " + value + b"\r\n" for name, value in trailers], b"\r\n"]
                 )
             else:
-                self.connection.transport.write(b"0\r\n\r\n")
+                end = b"0\r\n\r\n"
+            write_now(self.connection.transport, head + end)
+        elif head:
+            write_now(self.connection.transport, head)
         self.unregister_producer()
         self.response_done = True
         self.connection._response_done(self)
@@ -558,6 +579,7 @@ class H1Connection(Protocol):
         self.deadline = None
         cycle = self.active
         if cycle is not None:
+            cycle.flush()
             cycle.response_done = True
         self.active = None
         self.queue.clear()

@@ -17,6 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from rpxy.message import Headers
+from rpxy.netio import write_now
 
 if TYPE_CHECKING:
     from rpxy.upstream.pool import UpstreamPool
@@ -38,6 +39,9 @@ class ResponseHandler(TypingProtocol):
     def upstream_failed(self, reason: str, received_anything: bool) -> None: ...
 
     def upstream_tunnel_data(self, data: bytes) -> None: ...
+
+    def upstream_flush(self) -> None:
+        """The bytes of one read are all delivered: a good moment to write to the client."""
 
 
 class _HeadResponseDone(Exception):
@@ -92,6 +96,9 @@ class UpstreamConnection(Protocol):
         self._received_anything = True
         try:
             self._parser.feed_data(data)
+            handler = self.handler
+            if handler is not None:
+                handler.upstream_flush()
         except httptools.HttpParserUpgrade as exc:
             if self._status == 101 and self._tunnel:
                 rest = data[exc.args[0]:]
@@ -148,15 +155,15 @@ class UpstreamConnection(Protocol):
         self._head_delivered = False
         self._close_delimited = False
         self._status = 0
-        self.transport.write(head)
+        write_now(self.transport, head)
 
     def write_body(self, data: bytes) -> None:
         if not data:
             return
         if self._chunked_body:
-            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            write_now(self.transport, b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
         else:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def end_body(self, trailers: Headers | None = None) -> None:
         if self._chunked_body:
