@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rpxy: configuration {args.config} is valid")
         return 0
 
+    if "twisted.internet.reactor" not in sys.modules:
+        from rpxy.reactor import install
+
+        install()
     from twisted.internet import reactor
 
     from rpxy.logs import open_log_files, start_system_logging

@@ -238,7 +238,8 @@ class ProxyExchange:
         self.status = 0
         self.tried_alternative = False
         self.retried_stale = False
-        self.timer = None
+        # Set while the upstream connection holds a response deadline for us.
+        self.timer: bool | None = None
         self.client_tunnel: TunnelEnd | None = None
         self.paused_client = False
         self.producer_registered = False
@@ -272,7 +273,8 @@ class ProxyExchange:
         )
         timeout = self.state.config.upstream_response_timeout
         if timeout > 0:
-            self.timer = self.pipeline.reactor.callLater(timeout, self._response_timeout)
+            self.timer = True
+            upstream.set_response_deadline(self.pipeline.reactor.seconds() + timeout)
         pending = self.pending
         if pending:
             for chunk in pending:
@@ -322,7 +324,8 @@ class ProxyExchange:
                 return
         self._fail_before_response(502)
 
-    def _response_timeout(self) -> None:
+    def upstream_timeout(self) -> None:
+        """The upstream's response head did not arrive within upstream_response_timeout."""
         self.timer = None
         if self.response_started or self.finished:
             return
@@ -355,10 +358,11 @@ class ProxyExchange:
         )
 
     def _cancel_timer(self) -> None:
-        timer = self.timer
-        if timer is not None:
+        if self.timer is not None:
             self.timer = None
-            timer.cancel()
+            upstream = self.upstream
+            if upstream is not None:
+                upstream.set_response_deadline(None)
 
     def _drop_request_producer(self) -> None:
         upstream = self.upstream

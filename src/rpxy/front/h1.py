@@ -111,7 +111,6 @@ class _Cycle:
         "expect_continue",
         "producer_registered",
         "error",
-        "request_producer",
         "unsent_head",
     )
 
@@ -135,8 +134,12 @@ class _Cycle:
         self.expect_continue = False
         self.producer_registered = False
         self.error: HttpError | None = None
-        self.request_producer = self
         self.unsent_head: bytes | None = None
+
+    @property
+    def request_producer(self) -> _Cycle:
+        # A property, not an attribute holding self: no reference cycle per request.
+        return self
 
     # IPushProducer: the upstream's transport pauses the client's request body.
     def pauseProducing(self) -> None:
@@ -539,8 +542,9 @@ class H1Connection(Protocol):
         log.debug("bad request from {peer}: {why}", peer=self.conn.peer_ip if self.conn else "?", why=why)
         self.in_headers = False
         self.deadline = None
+        reading = self.reading
         cycle = _Cycle(self)
-        cycle.head = self.reading.head if self.reading is not None and self.reading.head is not None else None
+        cycle.head = reading.head if reading is not None and reading.head is not None else None
         cycle.error = HttpError(status, why)
         cycle.keep_alive = False
         cycle.close_after = True
@@ -549,6 +553,17 @@ class H1Connection(Protocol):
         self.parser = None
         self.upgrade_buffer = None
         self.queue.clear()
+        active = self.active
+        if active is not None and active is reading:
+            # The body of the request being relayed is malformed: the upstream must never
+            # see it complete, so the exchange is dropped (its upstream connection aborted).
+            if active.response_started:
+                self.closing = True
+                active.abort()  # connectionLost tells the exchange
+                return
+            self.active = None
+            if active.exchange is not None:
+                active.exchange.client_gone()
         if self.active is None:
             self._dispatch(cycle)
         else:

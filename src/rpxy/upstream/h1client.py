@@ -43,6 +43,9 @@ class ResponseHandler(TypingProtocol):
     def upstream_flush(self) -> None:
         """The bytes of one read are all delivered: a good moment to write to the client."""
 
+    def upstream_timeout(self) -> None:
+        """The response deadline set with set_response_deadline passed."""
+
 
 class _HeadResponseDone(Exception):
     """Raised from the parser callback to stop llhttp waiting for a HEAD response's body."""
@@ -71,6 +74,9 @@ class UpstreamConnection(Protocol):
         self._tunnel = False
         self._status = 0
         self._closing = False
+        self._close_delimited = False
+        self._deadline: float | None = None
+        self._deadline_call = None
 
     # -- Twisted protocol -------------------------------------------------
 
@@ -116,6 +122,11 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.pool.connection_lost(self)
+        self._deadline = None
+        if self._deadline_call is not None:
+            if self._deadline_call.active():
+                self._deadline_call.cancel()
+            self._deadline_call = None
         handler = self.handler
         if handler is None:
             return
@@ -176,6 +187,32 @@ class UpstreamConnection(Protocol):
         self._request_complete = True
         if self._response_complete:
             self._finished()
+
+    def set_response_deadline(self, when: float | None) -> None:
+        """Arm (or clear, with None) the response-head deadline.
+
+        One lazily re-armed timer per connection: moving the deadline is an attribute
+        write, so a keep-alive connection costs no timer operation per request.
+        """
+        self._deadline = when
+        if when is not None and self._deadline_call is None:
+            reactor = self.pool.reactor
+            self._deadline_call = reactor.callLater(max(0.0, when - reactor.seconds()), self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._deadline_call = None
+        when = self._deadline
+        if when is None:
+            return
+        reactor = self.pool.reactor
+        now = reactor.seconds()
+        if now < when:
+            self._deadline_call = reactor.callLater(when - now, self._check_deadline)
+            return
+        self._deadline = None
+        handler = self.handler
+        if handler is not None:
+            handler.upstream_timeout()
 
     def tunnel_write(self, data: bytes) -> None:
         self.transport.write(data)
