@@ -9,6 +9,7 @@
 - ``/health``: 200 or, once ``/sick`` was requested, 503
 - ``/cookie``: sets a cookie, echoes Cookie
 - ``/ws``: a WebSocket echo (hand-rolled RFC 6455 handshake on a raw protocol switch)
+With ``--tls-cert``/``--tls-key`` it serves HTTPS instead.
 Prints ``READY <port>`` once listening.
 """
 
@@ -206,10 +207,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--name", default="origin")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate")
+    parser.add_argument("--tls-key", help="and this PEM key")
     args = parser.parse_args()
     site = server.Site(Origin(args.name))
     site.displayTracebacks = False
-    port = reactor.listenTCP(args.port, site, interface="127.0.0.1")
+    if args.tls_cert:
+        from twisted.internet import ssl
+
+        with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
+            options = ssl.PrivateCertificate.loadPEM(cert.read() + key.read()).options()
+        port = reactor.listenSSL(args.port, site, options, interface="127.0.0.1")
+    else:
+        port = reactor.listenTCP(args.port, site, interface="127.0.0.1")
     print(f"READY {port.getHost().port}", flush=True)
     reactor.run()
 
