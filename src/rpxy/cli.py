@@ -58,10 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         install()
     from twisted.internet import reactor
 
-    from rpxy.logs import open_log_files, start_system_logging
+    from rpxy.logs import open_system_log, start_system_logging
     from rpxy.service import make_service
 
-    _access, system_stream = open_log_files(args.log_dir)
+    try:
+        system_stream = open_system_log(args.log_dir)
+    except OSError as error:
+        print(f"rpxy: cannot use log directory {args.log_dir}: {error.strerror or error}", file=sys.stderr)
+        return 1
     start_system_logging(system_stream)
     service = make_service(args.config, reactor=reactor, log_dir=args.log_dir, loaded=loaded)
     try:

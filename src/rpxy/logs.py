@@ -36,14 +36,20 @@ def format_timestamp(when: float) -> str:
 
 
 def redact_query(path: str) -> str:
-    """``/p?a=1&b`` → ``/p?a=<redacted>&b``: keeps the shape, hides the values."""
-    base, sep, query = path.partition("?")
-    if not sep:
+    """``/p?a=1&flag&&b=`` → ``/p?a=<redacted>&<redacted>&&b=<redacted>``, as rpxy does.
+
+    Keys are kept; every value is hidden, and so is a bare segment (``?secret-token``
+    is a value, not a key). Empty segments and an empty query stay as they are.
+    """
+    base, _sep, query = path.partition("?")
+    if not query:
         return path
     parts = []
     for item in query.split("&"):
-        name, eq, _value = item.partition("=")
-        parts.append(f"{name}=<redacted>" if eq else name)
+        if item:
+            name, eq, _value = item.partition("=")
+            item = f"{name}=<redacted>" if eq else "<redacted>"
+        parts.append(item)
     return base + "?" + "&".join(parts)
 
 
@@ -80,7 +86,8 @@ class AccessLog:
         if self.redact:
             path = redact_query(path)
         scheme = "https" if conn.tls else "http"
-        target = f"{scheme}://{host}{path.partition('?')[0]}"
+        # Like rpxy: without a host (a 400 for a missing Host) the target is the bare path.
+        target = f"{scheme}://{host}{path.partition('?')[0]}" if host else path.partition("?")[0]
         version = "HTTP/" + head.version.decode("ascii")
         line = (
             f"{self._timestamp()} {host} <- {conn.peer_ip}:{conn.peer_port} -- "
@@ -129,14 +136,25 @@ class SystemLogObserver:
             pass
 
 
+def open_access_log(log_dir: str | None) -> IO[str]:
+    """``log_dir/access.log`` opened for appending (the directory is created), else stdout."""
+    if log_dir is None:
+        return sys.stdout
+    os.makedirs(log_dir, exist_ok=True)
+    return open(os.path.join(log_dir, "access.log"), "a", encoding="utf-8", buffering=1 << 16)
+
+
+def open_system_log(log_dir: str | None) -> TextIO:
+    """``log_dir/rpxy.log`` opened for appending (the directory is created), else stdout."""
+    if log_dir is None:
+        return sys.stdout
+    os.makedirs(log_dir, exist_ok=True)
+    return open(os.path.join(log_dir, "rpxy.log"), "a", encoding="utf-8")
+
+
 def open_log_files(log_dir: str | None) -> tuple[IO[str], TextIO]:
     """(access stream, system stream): files appended in ``log_dir``, else stdout."""
-    if log_dir is None:
-        return sys.stdout, sys.stdout
-    os.makedirs(log_dir, exist_ok=True)
-    access = open(os.path.join(log_dir, "access.log"), "a", encoding="utf-8", buffering=1 << 16)
-    system = open(os.path.join(log_dir, "rpxy.log"), "a", encoding="utf-8")
-    return access, system
+    return open_access_log(log_dir), open_system_log(log_dir)
 
 
 def start_system_logging(stream: TextIO, level: LogLevel = LogLevel.info) -> None:

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from rpxy.config.load import LoadedConfig, load_config_file
 from rpxy.config.model import Config
 from rpxy.front.h1 import H1Factory
-from rpxy.logs import AccessLog, open_log_files
+from rpxy.logs import AccessLog, open_access_log
 from rpxy.pipeline import Pipeline
 from rpxy.state import StateHolder, build_state
 
@@ -96,7 +96,7 @@ def make_service(
     config = loaded.config
     for warning in loaded.warnings:
         log.warn("config: {warning}", warning=warning)
-    access_stream, _system_stream = open_log_files(log_dir)
+    access_stream = open_access_log(log_dir)
     access_log = AccessLog(access_stream, reactor, redact=config.redact_query_in_access_log)
     state = build_state(config, reactor)
     holder = StateHolder(state)

@@ -85,8 +85,11 @@ class Rpxy:
         try:
             wait_for_port(self.port, proc=self.proc)
         except Exception:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            stderr = self.proc.communicate(timeout=5)[1].decode(errors="replace")
             self.stop()
-            raise RuntimeError(f"rpxy did not start: {self.proc.stderr.read().decode()}")
+            raise RuntimeError(f"rpxy did not start: {stderr}")
 
     @property
     def url(self) -> str:
