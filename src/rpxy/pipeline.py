@@ -85,7 +85,7 @@ class Pipeline:
             return self._local(404, conn, head, sink, host=host)
         prefix, route = match
 
-        upgrade = _requested_upgrade(head.headers) if head.version == b"1.1" else None
+        upgrade = requested_upgrade(head.headers) if head.version == b"1.1" else None
         if fallback and not route.set_upstream_host:
             upstream_host: bytes | None = app.server_name_bytes
         else:
@@ -159,7 +159,7 @@ def send_local_response(sink: ResponseSink, status: int, *, close: bool = False,
     sink.send_end(None)
 
 
-def _requested_upgrade(headers: Headers) -> bytes | None:
+def requested_upgrade(headers: Headers) -> bytes | None:
     """The client's Upgrade value when it asks for a protocol switch we relay (never h2c)."""
     upgrade = None
     connection_upgrade = False

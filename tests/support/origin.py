@@ -24,7 +24,7 @@ import sys
 from twisted.internet import reactor
 from twisted.web import resource, server
 
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class Origin(resource.Resource):
@@ -97,7 +97,7 @@ class Origin(resource.Resource):
         if key is None:
             request.setResponseCode(400)
             return b""
-        accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest())
+        accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
         transport = request.channel.transport
         request.channel._websocket = True
         transport.write(

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
 from rpxy.netio import write_now
-from rpxy.pipeline import send_local_response
+from rpxy.pipeline import requested_upgrade, send_local_response
 from rpxy.policy.responses import reason
 from rpxy.policy.validate import MAX_HEADER_COUNT, check_request_head
 
@@ -277,6 +277,39 @@ class _ClientTunnelEnd:
         self.connection._resume(_PAUSE_UPSTREAM)
 
 
+class _DeclinedUpgradeBody:
+    """Parser callbacks for a connection after an Upgrade it declined: the primed head is
+    swallowed, then every event goes to the connection (the body, later requests)."""
+
+    def __init__(self, connection: H1Connection) -> None:
+        self.connection = connection
+        self.primed = False
+
+    def on_message_begin(self) -> None:
+        if self.primed:
+            self.connection.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if self.primed:
+            self.connection.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.primed:
+            self.connection.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.primed:
+            self.connection.on_headers_complete()
+        else:
+            self.primed = True
+
+    def on_body(self, body: bytes) -> None:
+        self.connection.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.connection.on_message_complete()
+
+
 class H1Connection(Protocol):
     """One client connection speaking HTTP/1.x."""
 
@@ -304,6 +337,7 @@ class H1Connection(Protocol):
         self.tunnel_upstream: TunnelEnd | None = None
         self.upgrade_buffer: list[bytes] | None = None
         self.discarding: _Cycle | None = None
+        self.declined_upgrade: _Cycle | None = None
 
     # -- connection lifecycle -----------------------------------------------------
 
@@ -440,8 +474,13 @@ class H1Connection(Protocol):
         cycle.keep_alive = parser.should_keep_alive()
         cycle.is_head = method == b"HEAD"
         if parser.should_upgrade():
-            cycle.upgrade = True
-            cycle.close_after = True  # unless the upstream switches protocols
+            if version == b"1.1" and requested_upgrade(headers) is not None:
+                cycle.upgrade = True
+                cycle.close_after = True  # unless the upstream switches protocols
+            else:
+                # llhttp stops at any Upgrade, but this one (h2c, HTTP/1.0) is never relayed:
+                # the request is proxied as plain HTTP/1.1 and parsing resumes after it.
+                self.declined_upgrade = cycle
         if expect is not None:
             if expect.lower() != b"100-continue":
                 raise HttpError(417, "unsupported expectation")
@@ -472,6 +511,8 @@ class H1Connection(Protocol):
 
     def on_message_complete(self) -> None:
         cycle = self.reading
+        if cycle is self.declined_upgrade and cycle is not None and not cycle.body_done:
+            return  # llhttp ends the message at the Upgrade; its body follows (_parser_upgrade)
         self.reading = None
         if cycle is None or cycle.head is None:
             return
@@ -489,7 +530,11 @@ class H1Connection(Protocol):
         self.active = cycle
         head = cycle.head
         if cycle.error is not None:
-            send_local_response(cycle, cycle.error.status, close=True)
+            status = cycle.error.status
+            send_local_response(cycle, status, close=True)
+            # Rejected input is logged too: the head as far as it was parsed.
+            logged = head if head is not None else RequestHead(b"-", self.url or b"-", b"1.1", [])
+            self.pipeline.access_log.record(self.conn, logged, "", status, upstream="")
             return
         exchange = self.pipeline.handle(
             self.conn, head, cycle, content_length=cycle.content_length, body_expected=cycle.body_expected
@@ -571,6 +616,23 @@ class H1Connection(Protocol):
         self.closing = True if self.active is None else self.closing
 
     def _parser_upgrade(self, rest: bytes) -> None:
+        declined = self.declined_upgrade
+        if declined is not None:
+            self.declined_upgrade = None
+            if declined.body_done:
+                self.parser = httptools.HttpRequestParser(self)
+            else:
+                # llhttp skipped the body of an upgrade request: parse it with a parser primed
+                # by a head of the same framing, whose events go to this connection as usual.
+                self.parser = httptools.HttpRequestParser(_DeclinedUpgradeBody(self))
+                if declined.content_length is not None:
+                    framing = b"content-length: %d" % declined.content_length
+                else:
+                    framing = b"transfer-encoding: chunked"
+                self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+            if rest:
+                self.dataReceived(rest)
+            return
         cycle = self.active if self.active is not None and self.active.upgrade else None
         if cycle is None:
             for queued in self.queue:

@@ -136,18 +136,16 @@ class UpstreamConnection(Protocol):
             return
         if not self._response_complete:
             # A response delimited by the close of the connection ends here legitimately.
+            # (httptools has no feed_eof: without Content-Length or chunking, EOF is the end.)
             if self._head_delivered and self._close_delimited:
-                try:
-                    self._parser.feed_eof()
-                except httptools.HttpParserError:
-                    handler.upstream_failed("truncated response", True)
-                    return
-                if self._response_complete:
-                    return
+                self._response_complete = True
                 handler.upstream_end(None)
                 return
+            why = reason.getErrorMessage() if reason is not None else "closed"
             handler.upstream_failed(
-                "connection closed by upstream" if self._received_anything else "connection closed before response",
+                f"connection closed by upstream ({why})"
+                if self._received_anything
+                else f"connection closed before response ({why})",
                 self._received_anything,
             )
 
