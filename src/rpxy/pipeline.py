@@ -80,7 +80,8 @@ class Pipeline:
             return self._local(301, conn, head, sink, host=host, extra=[(b"location", location)])
 
         path, _query = split_path_query(head.path)
-        match = app.paths.lookup(path)
+        asterisk = path == b"*"  # OPTIONS * is about the server: the default route answers it
+        match = app.paths.lookup(b"/" if asterisk else path)
         if match is None:
             return self._local(404, conn, head, sink, host=host)
         prefix, route = match
@@ -120,7 +121,7 @@ class Pipeline:
             app=app,
             route=route,
             host=host,
-            upstream_path=rewrite_path(head.path, prefix, route.replace_path),
+            upstream_path=head.path if asterisk else rewrite_path(head.path, prefix, route.replace_path),
             headers=headers,
             index=choice.index,
             set_cookie=choice.set_cookie,

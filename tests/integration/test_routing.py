@@ -315,3 +315,20 @@ def test_https_redirection_port_alias(origins, certs, tmp_path):
         assert "https_redirection_port is deprecated" in proxy.system_log()
     finally:
         proxy.stop()
+
+
+def test_options_asterisk_goes_to_the_default_route_unchanged(rpxy_factory, origin):
+    """``OPTIONS * HTTP/1.1`` addresses the server, not a path: it takes the app's default route."""
+    proxy = rpxy_factory(
+        f"""
+        listen_port = {{port}}
+        listen_address_v4 = "127.0.0.1"
+        [apps.a]
+        server_name = "a.test"
+        reverse_proxy = [{{ upstream = [{{ location = "{origin.location}" }}] }}]
+        """
+    )
+    answer = raw_request(proxy.port, b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    # twisted.web answers OPTIONS * itself with an empty 200; rpxy alone would have said 404.
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert any(" OPTIONS * HTTP/1.1 -- 200 OK -- " in line for line in proxy.access_lines())
