@@ -14,6 +14,7 @@ from twisted.internet.error import CannotListenError
 
 from rpxy import __version__
 from rpxy.config.load import ConfigError, load_config_file
+from rpxy.state import build_tls_contexts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error("the following arguments are required: -c/--config")
     try:
         loaded = load_config_file(args.config)
+    except ConfigError as error:
+        print(f"rpxy: invalid configuration {args.config}:", file=sys.stderr)
+        for line in error.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    try:
+        # Certificates and keys are read now too (like `nginx -t`), not at the first handshake.
+        build_tls_contexts(loaded.config)
     except ConfigError as error:
         print(f"rpxy: invalid configuration {args.config}:", file=sys.stderr)
         for line in error.errors:

@@ -16,20 +16,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.tcp import Connection
+
 
 def write_now(transport: Any, data: bytes) -> None:
-    """Like ``transport.write(data)`` but sends immediately when the send buffer is empty."""
-    try:
-        idle = (
-            not transport.dataBuffer
-            and not transport._tempDataBuffer
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnected
-        )
-    except AttributeError:
-        idle = False
-    if idle:
+    """Like ``transport.write(data)`` but sends immediately when the send buffer is empty.
+
+    Only for a plain TCP connection: a TLS transport forwards unknown attributes to the
+    TCP transport below it (``ProtocolWrapper.__getattr__``), so duck typing would send
+    plaintext past the TLS layer.
+    """
+    if (
+        isinstance(transport, Connection)
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+    ):
         try:
             sent = transport.socket.send(data)
         except (BlockingIOError, InterruptedError):

@@ -60,6 +60,8 @@ class Pipeline:
         except HttpError as error:
             log.debug("rejected request from {peer}: {reason}", peer=conn.peer_ip, reason=error.reason)
             return self._local(error.status, conn, head, sink, host="", close=True)
+        if conn.tls and host != conn.sni and self._misdirected(state, host, conn.sni):
+            return self._local(421, conn, head, sink, host=host)
         max_body = state.max_body
         if max_body and content_length is not None and content_length > max_body:
             return self._local(413, conn, head, sink, host=host, close=True)
@@ -132,6 +134,20 @@ class Pipeline:
         )
         exchange.start()
         return exchange
+
+    @staticmethod
+    def _misdirected(state: RuntimeState, host: str, sni: str | None) -> bool:
+        """Host differs from SNI: domain fronting, refused (421) unless ignore_sni_consistency.
+
+        Even then, a request may never reach an mTLS app over a handshake made for another
+        app (that handshake did not ask for a client certificate).
+        """
+        if not state.ignore_sni_consistency:
+            return True
+        app = state.apps.lookup(host)
+        if app is None or app.config.tls is None or not app.config.tls.client_ca_cert_path:
+            return False
+        return app is not state.apps.lookup(sni or "")
 
     def _local(
         self,

@@ -19,6 +19,7 @@ from rpxy.front.h1 import H1Factory
 from rpxy.logs import AccessLog, open_access_log
 from rpxy.pipeline import Pipeline
 from rpxy.state import StateHolder, build_state
+from rpxy.tls import HANDSHAKE_TIMEOUT, CertificateWatcher, HandshakeFailure, TlsServerFactory
 
 log = Logger()
 
@@ -36,8 +37,9 @@ class _V6OnlyPort(tcp.Port):
 class TCPListener(Service):
     """Listens synchronously in startService so that a port in use fails the start loudly."""
 
-    def __init__(self, reactor, port: int, factory, *, interface: str, backlog: int) -> None:
+    def __init__(self, reactor, port: int, factory, *, interface: str, backlog: int, kind: str = "http") -> None:
         self.reactor = reactor
+        self.kind = kind
         self.port = port
         self.factory = factory
         self.interface = interface
@@ -55,7 +57,7 @@ class TCPListener(Service):
             "listening on {interface}:{port} ({kind})",
             interface=self.interface,
             port=listener.getHost().port,
-            kind="http",
+            kind=self.kind,
         )
         super().startService()
 
@@ -104,10 +106,35 @@ def make_service(
     top = RpxyService(config, holder, access_log)
     for checker in state.health_checkers:
         checker.setServiceParent(top)
+    interfaces = (*config.listen_address_v4, *config.listen_address_v6)
     if config.listen_port is not None:
         factory = H1Factory(pipeline, holder, reactor, tls=False)
-        for interface in (*config.listen_address_v4, *config.listen_address_v6):
+        for interface in interfaces:
             TCPListener(
                 reactor, config.listen_port, factory, interface=interface, backlog=config.tcp_listen_backlog
             ).setServiceParent(top)
+    if config.listen_port_tls is not None:
+        tls_factory = TlsServerFactory(
+            lambda: holder.current.tls_contexts,
+            H1Factory(pipeline, holder, reactor, tls=True),
+            reactor=reactor,
+            handshake_timeout=HANDSHAKE_TIMEOUT,
+            on_failure=_log_handshake_failure,
+        )
+        for interface in interfaces:
+            TCPListener(
+                reactor,
+                config.listen_port_tls,
+                tls_factory,
+                interface=interface,
+                backlog=config.tcp_listen_backlog,
+                kind="https",
+            ).setServiceParent(top)
+        CertificateWatcher(lambda: holder.current.tls_contexts, reactor).setServiceParent(top)
     return top
+
+
+def _log_handshake_failure(failure: HandshakeFailure) -> None:
+    if failure.category == "closed" and failure.bytes_received == 0:
+        return  # a bare TCP probe (health checkers, port scanners): not worth a line
+    log.info("{failure}", failure=str(failure))

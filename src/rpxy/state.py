@@ -11,9 +11,11 @@ from __future__ import annotations
 import random
 import attrs
 
+from rpxy.config.load import ConfigError
 from rpxy.config.model import AppConfig, Config, ReverseProxyConfig
 from rpxy.policy.trusted import TrustedProxies
 from rpxy.routing import HostRouter, PathRouter
+from rpxy.tls import SniContextMap, TlsMaterialError, TlsOptions
 from rpxy.upstream.balance import UpstreamGroup
 from rpxy.upstream.health import HealthChecker, HealthState
 from rpxy.upstream.pool import UpstreamPool
@@ -56,6 +58,9 @@ class RuntimeState:
     https_port_for_clients: int | None
     health_checkers: tuple[HealthChecker, ...]
     pools: tuple[UpstreamPool, ...]
+    #: Per-app TLS contexts by server name; None when there is no TLS listener.
+    tls_contexts: SniContextMap | None = None
+    ignore_sni_consistency: bool = False
 
     def close(self) -> None:
         """Release idle upstream connections (after the state was replaced or on shutdown)."""
@@ -115,6 +120,7 @@ def _route(
 def build_state(config: Config, reactor, rng: random.Random | None = None) -> RuntimeState:
     """Build everything a request needs from ``config``; nothing here touches the network."""
     rng = rng if rng is not None else random.Random()
+    tls_contexts = build_tls_contexts(config)
     sticky = StickyCodec(config.sticky_cookie_secret) if config.sticky_cookie_secret else None
     checkers: list[HealthChecker] = []
     pools: list[UpstreamPool] = []
@@ -147,7 +153,23 @@ def build_state(config: Config, reactor, rng: random.Random | None = None) -> Ru
         https_port_for_clients=config.https_port_for_clients,
         health_checkers=tuple(checkers),
         pools=tuple(pools),
+        tls_contexts=tls_contexts,
+        ignore_sni_consistency=config.experimental.ignore_sni_consistency,
     )
+
+
+#: ALPN offered on the TLS port (h2 joins when the HTTP/2 front end exists).
+TLS_ALPN = (b"http/1.1",)
+
+
+def build_tls_contexts(config: Config) -> SniContextMap | None:
+    """Load every app's certificate now, so that bad TLS files fail the start (or the reload)."""
+    if config.listen_port_tls is None:
+        return None
+    try:
+        return SniContextMap.from_apps(config.apps, TlsOptions(alpn=TLS_ALPN))
+    except TlsMaterialError as error:
+        raise ConfigError(error.describe()) from None
 
 
 class StateHolder:

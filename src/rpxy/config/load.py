@@ -57,11 +57,9 @@ __all__ = [
 #: effect)"`` once per load. Remove an entry when its feature lands.
 NOT_YET_SUPPORTED: frozenset[str] = frozenset(
     {
-        "listen_port_tls",
         "max_concurrent_streams",
-        "apps.*.tls",
+        "apps.*.tls.acme",
         "apps.*.reverse_proxy[*].upstream_options.force_http2_upstream",
-        "experimental.ignore_sni_consistency",
         "experimental.h3",
         "experimental.cache",
         "experimental.acme",
@@ -564,8 +562,6 @@ class _Loader:
 
         listen_port = top.get_port("listen_port")
         listen_port_tls = top.get_port("listen_port_tls")
-        if "listen_port_tls" in top:
-            self.ctx.not_yet_supported("listen_port_tls")
         if "listen_port" not in top and "listen_port_tls" not in top:
             top.error("listen_port", "at least one of listen_port and listen_port_tls is required")
         elif listen_port is not None and listen_port == listen_port_tls:
@@ -724,8 +720,6 @@ class _Loader:
         if table is None:
             return ExperimentalConfig()
         exp = _Section(self.ctx, table, "experimental", _EXPERIMENTAL_KEYS)
-        if "ignore_sni_consistency" in exp:
-            self.ctx.not_yet_supported("experimental.ignore_sni_consistency")
         self.acme_configured = "acme" in exp
         d = _defaults(ExperimentalConfig)
         return ExperimentalConfig(
@@ -877,11 +871,12 @@ class _Loader:
         table = app.get_table("tls")
         if table is None:
             return None
-        self.ctx.not_yet_supported("apps.*.tls")
         tls = _Section(self.ctx, table, app.key_path("tls"), _TLS_KEYS)
         if not self.has_https:
             app.warn("tls", "has no effect without listen_port_tls")
         acme = tls.get_bool("acme", False)
+        if acme:
+            self.ctx.not_yet_supported("apps.*.tls.acme")
         cert = tls.get_str("tls_cert_path")
         key = tls.get_str("tls_cert_key_path")
         client_ca = tls.get_str("client_ca_cert_path")

@@ -18,6 +18,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import httptools
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -29,6 +30,7 @@ from rpxy.netio import write_now
 from rpxy.pipeline import requested_upgrade, send_local_response
 from rpxy.policy.responses import reason
 from rpxy.policy.validate import MAX_HEADER_COUNT, check_request_head
+from rpxy.tls import connection_sni
 
 if TYPE_CHECKING:
     from rpxy.pipeline import Pipeline
@@ -345,7 +347,10 @@ class H1Connection(Protocol):
         transport = self.transport
         peer = transport.getPeer()
         local = transport.getHost()
-        self.conn = ConnectionInfo(peer.host, peer.port, local.port, tls=self.factory.tls)
+        if self.factory.tls:
+            self.conn = ConnectionInfo(peer.host, peer.port, local.port, tls=True, sni=connection_sni(transport))
+        else:
+            self.conn = ConnectionInfo(peer.host, peer.port, local.port)
         config = self.factory.holder.current.config
         if not self.factory.admit(peer.host, config.max_clients, config.max_clients_per_ip):
             log.info("connection from {peer} refused: client limit reached", peer=peer.host)
@@ -715,13 +720,13 @@ class H1Connection(Protocol):
             return
         self.closing = True
         self.deadline = None
-        if linger:
-            lose_write = getattr(self.transport, "loseWriteConnection", None)
-            if lose_write is not None:
-                self.transport.resumeProducing()
-                lose_write()
-                self.linger_call = self.reactor.callLater(LINGER_SECONDS, self._linger_over)
-                return
+        # Only a plain TCP transport: a TLS transport would forward loseWriteConnection to the
+        # socket below it (ProtocolWrapper.__getattr__) and skip its own close_notify.
+        if linger and isinstance(self.transport, tcp.Connection):
+            self.transport.resumeProducing()
+            self.transport.loseWriteConnection()
+            self.linger_call = self.reactor.callLater(LINGER_SECONDS, self._linger_over)
+            return
         self.transport.loseConnection()
 
     def _linger_over(self) -> None:

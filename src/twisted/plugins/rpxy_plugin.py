@@ -19,8 +19,11 @@ class Options(usage.Options):
 
         if not self["config"]:
             raise usage.UsageError("--config is required")
+        from rpxy.state import build_tls_contexts
+
         try:
             self.loaded = load_config_file(self["config"])
+            build_tls_contexts(self.loaded.config)
         except ConfigError as error:
             raise usage.UsageError("invalid configuration:\n  " + "\n  ".join(error.errors)) from None
 
