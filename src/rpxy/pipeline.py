@@ -109,7 +109,7 @@ class Pipeline:
             choice = route.group.choose(
                 cookie_values=[value for name, value in headers if name == b"cookie"],
                 now=self.reactor.seconds(),
-                secure=conn.tls,
+                secure=prepared.secure,
             )
             headers = strip_sticky_cookie(headers)
         else:

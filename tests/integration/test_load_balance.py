@@ -243,3 +243,26 @@ def test_stopped_origin_marked_down_by_tcp_check(origin_factory, rpxy_factory):
     data, renewed = sticky_get(proxy, "/echo", "-H", doomed_cookie)
     assert data["origin"] == "live"
     assert len(renewed) == 1 and COOKIE_RE.fullmatch(renewed[0]) is not None
+
+
+def test_sticky_cookie_secure_only_when_a_trusted_proxy_says_https(origins, rpxy_factory, proxy):
+    """A trusted front proxy's ``X-Forwarded-Proto: https`` makes the cookie Secure; an untrusted peer's never."""
+    two = ", ".join(f'{{ location = "{o.location}" }}' for o in origins[:2])
+    trusting = rpxy_factory(
+        f"""
+        listen_port = {{port}}
+        listen_address_v4 = "127.0.0.1"
+        trusted_forwarded_proxies = ["127.0.0.1/32"]
+        sticky_cookie_secret = "{STICKY_SECRET}"
+        [apps.sticky]
+        server_name = "{STICKY_HOST}"
+        reverse_proxy = [{{ upstream = [{two}], load_balance = "sticky" }}]
+        """
+    )
+    _, cookies = sticky_get(trusting, "/echo", "-H", "X-Forwarded-Proto: https")
+    assert len(cookies) == 1 and cookies[0].endswith("; Secure"), cookies
+    _, cookies = sticky_get(trusting, "/echo")
+    assert len(cookies) == 1 and "Secure" not in cookies[0], cookies
+    # The module's proxy trusts nobody: the same header changes nothing.
+    _, cookies = sticky_get(proxy, "/echo", "-H", "X-Forwarded-Proto: https")
+    assert len(cookies) == 1 and "Secure" not in cookies[0], cookies
