@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# sslyze (run by tests/integration/test_tls_sslyze.py) pins cryptography<47, older than the
+# proxy needs, so it gets its own virtualenv inside .venv.
+SSLYZE := $(VENV)/sslyze/bin/sslyze
 
 .PHONY: test demo bench venv clean
 
@@ -12,10 +15,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(SSLYZE): | $(STAMP)
+	$(PYTHON) -m venv $(VENV)/sslyze
+	$(VENV)/sslyze/bin/pip install -q 'sslyze>=6,<7'
+
 venv: $(STAMP)
 
 ## Run the whole test suite (unit + integration through the real rpxy process).
-test: $(STAMP)
+test: $(STAMP) $(SSLYZE)
 	@command -v curl >/dev/null || { echo "curl is required: apt-get install -y curl"; exit 1; }
 	$(PY) -m pytest -q
 

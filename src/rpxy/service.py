@@ -130,7 +130,9 @@ def make_service(
                 backlog=config.tcp_listen_backlog,
                 kind="https",
             ).setServiceParent(top)
-        CertificateWatcher(lambda: holder.current.tls_contexts, reactor).setServiceParent(top)
+        CertificateWatcher(
+            lambda: holder.current.tls_contexts, reactor, interval=config.certificate_poll_interval
+        ).setServiceParent(top)
     return top
 
 

@@ -158,8 +158,9 @@ def build_state(config: Config, reactor, rng: random.Random | None = None) -> Ru
     )
 
 
-#: ALPN offered on the TLS port (h2 joins when the HTTP/2 front end exists).
-TLS_ALPN = (b"http/1.1",)
+#: ALPN offered on the TLS port, in the server's preference order (rpxy.front.h1 hands
+#: a connection that negotiated h2 to the HTTP/2 front end).
+TLS_ALPN = (b"h2", b"http/1.1")
 
 
 def build_tls_contexts(config: Config) -> SniContextMap | None:

@@ -151,6 +151,21 @@ CASES: list[tuple[str, str, list[str]]] = [
         make(top='upstream_response_timeout = "60"'),
         ["upstream_response_timeout: must be a number >= 0"],
     ),
+    (
+        "certificate poll interval zero",
+        make(top="certificate_poll_interval = 0"),
+        ["certificate_poll_interval: must be a number > 0"],
+    ),
+    (
+        "certificate poll interval string",
+        make(top='certificate_poll_interval = "60s"'),
+        ["certificate_poll_interval: must be a number > 0"],
+    ),
+    (
+        "certificate poll interval nan",
+        make(top="certificate_poll_interval = nan"),
+        ["certificate_poll_interval: must be a number > 0"],
+    ),
     # ---- trusted proxies -----------------------------------------------------
     (
         "trusted host bits",

@@ -73,6 +73,7 @@ def test_minimal_config_gets_every_default() -> None:
     assert config.default_app is None
     assert config.experimental == ExperimentalConfig()
     assert (config.upstream_response_timeout, config.upstream_connect_timeout) == (60.0, 10.0)
+    assert config.certificate_poll_interval == 60.0  # rpxy's fixed certificate poll period
 
 
 def test_top_level_values_are_kept() -> None:
@@ -85,12 +86,14 @@ max_clients_per_ip = 8
 redact_query_in_access_log = true
 upstream_response_timeout = 0
 upstream_connect_timeout = 2.5
+certificate_poll_interval = 0.5
 """
         )
     ).config
     assert (config.tcp_listen_backlog, config.max_clients, config.max_clients_per_ip) == (2048, 100, 8)
     assert config.redact_query_in_access_log is True
     assert (config.upstream_response_timeout, config.upstream_connect_timeout) == (0.0, 2.5)
+    assert config.certificate_poll_interval == 0.5
 
 
 @pytest.mark.parametrize(
@@ -475,7 +478,6 @@ trusted_proxies = ["127.0.0.1"]
 
 def test_not_yet_supported_set_is_what_the_lead_listed() -> None:
     assert {
-        "max_concurrent_streams",
         "apps.*.tls.acme",
         "apps.*.reverse_proxy[*].upstream_options.force_http2_upstream",
         "experimental.h3",

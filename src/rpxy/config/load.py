@@ -57,7 +57,6 @@ __all__ = [
 #: effect)"`` once per load. Remove an entry when its feature lands.
 NOT_YET_SUPPORTED: frozenset[str] = frozenset(
     {
-        "max_concurrent_streams",
         "apps.*.tls.acme",
         "apps.*.reverse_proxy[*].upstream_options.force_http2_upstream",
         "experimental.h3",
@@ -105,6 +104,7 @@ _TOP_KEYS = frozenset(
         "experimental",
         "upstream_response_timeout",
         "upstream_connect_timeout",
+        "certificate_poll_interval",
     }
 )
 _APP_KEYS = frozenset({"server_name", "tls", "reverse_proxy"})
@@ -580,8 +580,6 @@ class _Loader:
 
         public_https_port = self._public_https_port(top)
 
-        if "max_concurrent_streams" in top:
-            self.ctx.not_yet_supported("max_concurrent_streams")
         trusted = self._cidrs(top, "trusted_forwarded_proxies", aliases=True, required=False)
 
         request_max_body_size = d["request_max_body_size"]
@@ -613,6 +611,7 @@ class _Loader:
         redact = top.get_bool("redact_query_in_access_log", d["redact_query_in_access_log"])
         response_timeout = top.get_number("upstream_response_timeout", d["upstream_response_timeout"])
         connect_timeout = top.get_number("upstream_connect_timeout", d["upstream_connect_timeout"], positive=True)
+        poll_interval = top.get_number("certificate_poll_interval", d["certificate_poll_interval"], positive=True)
 
         experimental = self._experimental(top)
         apps = self._apps(top)
@@ -635,6 +634,7 @@ class _Loader:
             experimental=experimental,
             upstream_response_timeout=response_timeout,
             upstream_connect_timeout=connect_timeout,
+            certificate_poll_interval=poll_interval,
         )
 
     # ---- top-level helpers ------------------------------------------------

@@ -158,6 +158,8 @@ class Config:
     upstream_response_timeout: float = 60.0
     # Beyond rpxy: seconds to wait for a TCP connect to an upstream.
     upstream_connect_timeout: float = 10.0
+    # Beyond rpxy: seconds between checks of the certificate files for changes (rpxy: fixed 60).
+    certificate_poll_interval: float = 60.0
 
     @property
     def https_port_for_clients(self) -> int | None:

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rpxy.front.h2 import PREFACE, H2Session
 from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
 from rpxy.netio import write_now
 from rpxy.pipeline import requested_upgrade, send_local_response
@@ -270,7 +271,11 @@ class _ClientTunnelEnd:
         self.connection.transport.write(data)
 
     def close(self) -> None:
-        self.connection.transport.loseConnection()
+        transport = self.connection.transport
+        # A TLS transport defers its close_notify (and the TCP close) while a producer is
+        # registered: drop the upstream's pauser first, or the client is never closed.
+        transport.unregisterProducer()
+        transport.loseConnection()
 
     def pause(self) -> None:
         self.connection._pause(_PAUSE_UPSTREAM)
@@ -340,6 +345,10 @@ class H1Connection(Protocol):
         self.upgrade_buffer: list[bytes] | None = None
         self.discarding: _Cycle | None = None
         self.declined_upgrade: _Cycle | None = None
+        # Until the first bytes show which protocol the connection speaks (ALPN or the h2c preface).
+        self.sniffing = True
+        self.sniffed = b""
+        self.h2: H2Session | None = None
 
     # -- connection lifecycle -----------------------------------------------------
 
@@ -378,12 +387,23 @@ class H1Connection(Protocol):
                 call.cancel()
         self.deadline_call = self.hard_deadline_call = self.linger_call = None
         self.deadline = None
+        if self.h2 is not None:
+            self.h2.connectionLost(reason)
+            return
         active = self.active
         self.active = None
         if active is not None and active.exchange is not None:
             active.exchange.client_gone()
 
     def dataReceived(self, data: bytes) -> None:
+        h2 = self.h2
+        if h2 is not None:
+            h2.dataReceived(data)
+            return
+        if self.sniffing:
+            data = self._sniff(data)
+            if not data:
+                return
         tunnel = self.tunnel_upstream
         if tunnel is not None:
             tunnel.write(data)
@@ -415,6 +435,40 @@ class H1Connection(Protocol):
             self.raw_head_bytes += len(data)
             if self.raw_head_bytes > MAX_HEADER_BLOCK + MAX_REQUEST_LINE:
                 self._protocol_error(414 if not self.headers and self.url else 431, "request head too large")
+
+    def _sniff(self, data: bytes) -> bytes | None:
+        """The connection's first bytes: HTTP/2 (ALPN ``h2``, or the h2c preface on cleartext)
+        hands the connection to :class:`~rpxy.front.h2.H2Session`; returns the bytes for
+        HTTP/1.1, or None once handed over or while a partial preface is buffered."""
+        if self.closing:
+            return None
+        if self.sniffed:
+            data = self.sniffed + data
+            self.sniffed = b""
+        if self.factory.tls:
+            self.sniffing = False
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                self._hand_over(data)
+                return None
+            return data
+        size = min(len(data), len(PREFACE))
+        if data[:size] != PREFACE[:size]:
+            self.sniffing = False
+            return data
+        if size < len(PREFACE):
+            self.sniffed = data
+            return None
+        self.sniffing = False
+        self._hand_over(data)
+        return None
+
+    def _hand_over(self, data: bytes) -> None:
+        """Become the carrier of an HTTP/2 session: this object keeps counting the client and
+        enforcing connection_handling_timeout; every byte goes to the session."""
+        self.deadline = None
+        self.parser = None
+        self.h2 = H2Session(self.pipeline, self.reactor, self.conn, self.transport, self.factory.holder.current.config)
+        self.h2.start(data)
 
     # -- parser callbacks -------------------------------------------------------
 
