@@ -21,6 +21,7 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame
 from tests.integration.conftest import curl, free_port
 from tests.support.canned import CannedOrigin
 from tests.support.h2client import H2Client
+from tests.support.slow_sink import SlowSink
 from tests.support.tlsgen import Authority
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")
@@ -188,6 +189,33 @@ def test_slow_client_download_is_not_buffered(setup):
     assert result.stdout == str(size).encode(), result.stderr
     grown = peak_kib() - before
     assert grown < 24 * 1024, f"peak RSS grew by {grown} KiB for a 64 MiB body"
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_slow_upstream_upload_is_not_buffered(rpxy_factory, tmp_path):
+    """48 MiB to an upstream reading 24 MiB/s: windows hold the client back, the proxy buffers little."""
+    sink = SlowSink(rate=24 * 1024 * 1024)
+    try:
+        setup = start(rpxy_factory, tmp_path, sink.location)
+        before = _peak_rss_kib(setup.proxy.proc.pid)
+        size = 48 * 1024 * 1024
+        path = tmp_path / "upload.bin"
+        with open(path, "wb") as out:
+            out.truncate(size)
+        result = setup.curl_h2c("--data-binary", f"@{path}", f"{setup.h2c}/upload", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == str(size).encode()
+        grown = _peak_rss_kib(setup.proxy.proc.pid) - before
+        assert grown < 24 * 1024, f"peak RSS grew by {grown} KiB for a 48 MiB upload"
+    finally:
+        sink.stop()
 
 
 def test_parallel_streams_share_one_connection(setup):

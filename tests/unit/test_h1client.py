@@ -269,3 +269,15 @@ def test_response_deadline_timer_cancelled_on_close():
     connection.set_response_deadline(pool.reactor.seconds() + 10)
     lost(connection)
     assert pool.reactor.getDelayedCalls() == []
+
+
+def test_a_connection_paused_by_a_slow_client_is_resumed_before_pooling():
+    connection, transport, pool = make()
+    handler = start(connection)
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+    connection.pauseProducing()  # the client's transport is full
+    assert transport.producerState == "paused"
+    connection.dataReceived(b"world")  # already in flight: the response completes while paused
+    assert handler.kinds() == ["head", "end"]
+    assert pool.released == [connection]
+    assert transport.producerState == "producing"

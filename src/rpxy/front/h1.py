@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rpxy.front.h2 import PREFACE, H2Session
+from rpxy.deadline import LazyDeadline
 from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
 from rpxy.netio import write_now
 from rpxy.pipeline import requested_upgrade, send_local_response
@@ -332,8 +333,7 @@ class H1Connection(Protocol):
         self.paused = 0
         self.closing = False
         self.counted = False
-        self.deadline: float | None = None
-        self.deadline_call = None
+        self.deadline = LazyDeadline(self.reactor, self._deadline_passed)
         self.hard_deadline_call = None
         self.linger_call = None
         self.url = b""
@@ -372,7 +372,7 @@ class H1Connection(Protocol):
         except (AttributeError, OSError):
             pass
         self.parser = httptools.HttpRequestParser(self)
-        self._set_deadline(self.reactor.seconds() + IDLE_TIMEOUT)
+        self.deadline.set_after(IDLE_TIMEOUT)
         hard = config.experimental.connection_handling_timeout
         if hard > 0:
             self.hard_deadline_call = self.reactor.callLater(hard, self._hard_timeout)
@@ -382,11 +382,11 @@ class H1Connection(Protocol):
             self.counted = False
             self.factory.release(self.conn.peer_ip)
         self.closing = True
-        for call in (self.deadline_call, self.hard_deadline_call, self.linger_call):
+        self.deadline.cancel()
+        for call in (self.hard_deadline_call, self.linger_call):
             if call is not None and call.active():
                 call.cancel()
-        self.deadline_call = self.hard_deadline_call = self.linger_call = None
-        self.deadline = None
+        self.hard_deadline_call = self.linger_call = None
         if self.h2 is not None:
             self.h2.connectionLost(reason)
             return
@@ -465,7 +465,7 @@ class H1Connection(Protocol):
     def _hand_over(self, data: bytes) -> None:
         """Become the carrier of an HTTP/2 session: this object keeps counting the client and
         enforcing connection_handling_timeout; every byte goes to the session."""
-        self.deadline = None
+        self.deadline.clear()
         self.parser = None
         self.h2 = H2Session(self.pipeline, self.reactor, self.conn, self.transport, self.factory.holder.current.config)
         self.h2.start(data)
@@ -479,7 +479,7 @@ class H1Connection(Protocol):
         self.header_total = 0
         self.raw_head_bytes = 0
         self.in_headers = True
-        self._set_deadline(self.reactor.seconds() + HEADER_TIMEOUT)
+        self.deadline.set_after(HEADER_TIMEOUT)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -506,7 +506,7 @@ class H1Connection(Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
-        self.deadline = None
+        self.deadline.clear()
         parser = self.parser
         cycle = self.reading
         method = parser.get_method()
@@ -637,7 +637,7 @@ class H1Connection(Protocol):
                 self._resume(_PAUSE_PIPELINE)
             self._dispatch(cycle)
         elif self.reading is None:
-            self._set_deadline(self.reactor.seconds() + IDLE_TIMEOUT)
+            self.deadline.set_after(IDLE_TIMEOUT)
 
     def _protocol_error(self, status: int, why: str) -> None:
         """Malformed or over-limit input: answer ``status`` in turn, then close."""
@@ -645,7 +645,7 @@ class H1Connection(Protocol):
             return
         log.debug("bad request from {peer}: {why}", peer=self.conn.peer_ip if self.conn else "?", why=why)
         self.in_headers = False
-        self.deadline = None
+        self.deadline.clear()
         reading = self.reading
         cycle = _Cycle(self)
         cycle.head = reading.head if reading is not None and reading.head is not None else None
@@ -712,7 +712,7 @@ class H1Connection(Protocol):
 
     def _start_tunnel(self, upstream: TunnelEnd) -> TunnelEnd:
         self.tunnel_upstream = upstream
-        self.deadline = None
+        self.deadline.clear()
         cycle = self.active
         if cycle is not None:
             cycle.flush()
@@ -743,19 +743,8 @@ class H1Connection(Protocol):
             if not self.paused and not self.closing:
                 self.transport.resumeProducing()
 
-    def _set_deadline(self, when: float) -> None:
-        self.deadline = when
-        if self.deadline_call is None:
-            self.deadline_call = self.reactor.callLater(when - self.reactor.seconds(), self._check_deadline)
-
-    def _check_deadline(self) -> None:
-        self.deadline_call = None
-        deadline = self.deadline
-        if deadline is None or self.closing:
-            return
-        now = self.reactor.seconds()
-        if now < deadline:
-            self.deadline_call = self.reactor.callLater(deadline - now, self._check_deadline)
+    def _deadline_passed(self) -> None:
+        if self.closing:
             return
         if self.in_headers:
             log.info("request head from {peer} not received in time", peer=self.conn.peer_ip)
@@ -773,7 +762,7 @@ class H1Connection(Protocol):
         if self.closing:
             return
         self.closing = True
-        self.deadline = None
+        self.deadline.clear()
         # Only a plain TCP transport: a TLS transport would forward loseWriteConnection to the
         # socket below it (ProtocolWrapper.__getattr__) and skip its own close_notify.
         if linger and isinstance(self.transport, tcp.Connection):

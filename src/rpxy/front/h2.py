@@ -84,6 +84,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from rpxy.deadline import LazyDeadline
 from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
 from rpxy.netio import write_now
 from rpxy.pipeline import send_local_response
@@ -761,8 +762,7 @@ class H2Session:
         self.blocked_control = 0
         self.in_receive = False
         self.closing = False
-        self.deadline: float | None = None
-        self.deadline_call = None
+        self.deadline = LazyDeadline(self.reactor, self._deadline_passed)
         self.close_call = None
         # On plain TCP, output is written once per reactor iteration: responses relayed in
         # one iteration share a send. (Twisted's TLS transport already batches its writes.)
@@ -821,7 +821,7 @@ class H2Session:
         if increment > 0:
             h2.increment_flow_control_window(increment)
         self.transport.registerProducer(self, True)
-        self._set_deadline(self.reactor.seconds() + IDLE_TIMEOUT)
+        self.deadline.set_after(IDLE_TIMEOUT)
         if data:
             self.dataReceived(data)
         else:
@@ -858,11 +858,11 @@ class H2Session:
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closing = True
-        self.deadline = None
-        for call in (self.deadline_call, self.close_call, self.write_call):
+        self.deadline.cancel()
+        for call in (self.close_call, self.write_call):
             if call is not None and call.active():
                 call.cancel()
-        self.deadline_call = self.close_call = self.write_call = None
+        self.close_call = self.write_call = None
         self._drop_streams()
 
     # IPushProducer: the client's transport tells us when it cannot take more.
@@ -906,7 +906,7 @@ class H2Session:
         stream.body_expected = body_expected = event.stream_ended is None
         stream.request_done = not body_expected
         self.streams[stream_id] = stream
-        self.deadline = None
+        self.deadline.clear()
         expect_continue = False
         try:
             if method == b"CONNECT":
@@ -1186,7 +1186,7 @@ class H2Session:
 
     def _maybe_idle(self) -> None:
         if not self.streams and not self.closing:
-            self._set_deadline(self.reactor.seconds() + IDLE_TIMEOUT)
+            self.deadline.set_after(IDLE_TIMEOUT)
 
     def _write(self) -> None:
         data = self.h2.data_to_send()
@@ -1217,7 +1217,7 @@ class H2Session:
         if self.closing:
             return
         self.closing = True
-        self.deadline = None
+        self.deadline.clear()
         if self.write_call is not None and self.write_call.active():
             self.write_call.cancel()
         self.write_call = None
@@ -1245,19 +1245,8 @@ class H2Session:
         self.close_call = None
         self.transport.abortConnection()
 
-    def _set_deadline(self, when: float) -> None:
-        self.deadline = when
-        if self.deadline_call is None:
-            self.deadline_call = self.reactor.callLater(max(0.0, when - self.reactor.seconds()), self._check_deadline)
-
-    def _check_deadline(self) -> None:
-        self.deadline_call = None
-        deadline = self.deadline
-        if deadline is None or self.closing:
-            return
-        now = self.reactor.seconds()
-        if now < deadline:
-            self.deadline_call = self.reactor.callLater(deadline - now, self._check_deadline)
+    def _deadline_passed(self) -> None:
+        if self.closing:
             return
         if not self.streams:
             self._close(ErrorCodes.NO_ERROR)

@@ -17,6 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from rpxy.message import Headers
+from rpxy.deadline import LazyDeadline
 from rpxy.netio import write_now
 
 if TYPE_CHECKING:
@@ -74,9 +75,9 @@ class UpstreamConnection(Protocol):
         self._tunnel = False
         self._status = 0
         self._closing = False
+        self._paused = False
         self._close_delimited = False
-        self._deadline: float | None = None
-        self._deadline_call = None
+        self._deadline = LazyDeadline(pool.reactor, self._deadline_passed)
 
     # -- Twisted protocol -------------------------------------------------
 
@@ -122,11 +123,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.pool.connection_lost(self)
-        self._deadline = None
-        if self._deadline_call is not None:
-            if self._deadline_call.active():
-                self._deadline_call.cancel()
-            self._deadline_call = None
+        self._deadline.cancel()
         handler = self.handler
         if handler is None:
             return
@@ -187,27 +184,10 @@ class UpstreamConnection(Protocol):
             self._finished()
 
     def set_response_deadline(self, when: float | None) -> None:
-        """Arm (or clear, with None) the response-head deadline.
+        """Arm (or clear, with None) the response-head deadline; see :mod:`rpxy.deadline`."""
+        self._deadline.set(when)
 
-        One lazily re-armed timer per connection: moving the deadline is an attribute
-        write, so a keep-alive connection costs no timer operation per request.
-        """
-        self._deadline = when
-        if when is not None and self._deadline_call is None:
-            reactor = self.pool.reactor
-            self._deadline_call = reactor.callLater(max(0.0, when - reactor.seconds()), self._check_deadline)
-
-    def _check_deadline(self) -> None:
-        self._deadline_call = None
-        when = self._deadline
-        if when is None:
-            return
-        reactor = self.pool.reactor
-        now = reactor.seconds()
-        if now < when:
-            self._deadline_call = reactor.callLater(when - now, self._check_deadline)
-            return
-        self._deadline = None
+    def _deadline_passed(self) -> None:
         handler = self.handler
         if handler is not None:
             handler.upstream_timeout()
@@ -229,9 +209,11 @@ class UpstreamConnection(Protocol):
 
     # IPushProducer for the response direction: the client's transport pauses us.
     def pauseProducing(self) -> None:
+        self._paused = True
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self._paused = False
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -301,6 +283,10 @@ class UpstreamConnection(Protocol):
         """Both directions done: back to the pool or closed."""
         self.handler = None
         if self._keep_alive and not self._closing and not self._tunnel:
+            if self._paused:
+                # A slow client paused us during the last read; the sink has let go of us
+                # without resuming, and a pooled connection must read its next response.
+                self.resumeProducing()
             self.pool.release(self)
         else:
             self.close()
