@@ -8,6 +8,11 @@ origin, wrk and this script to the other one (``taskset -c 1``). Per target it
 reports the median req/s over the runs, p50/p99 latency, peak RSS of the proxy's
 process tree, its CPU use, and the ratio to nginx's req/s.
 
+``--h2`` / ``--h2c`` modes: the same targets and origin, loaded with ``h2load`` over HTTP/2
+(``--h2``: TLS with ALPN h2 and a throwaway CA + ``localhost`` certificate made with the
+``openssl`` CLI; ``--h2c``: cleartext HTTP/2 with prior knowledge). The proxies still talk
+HTTP/1.1 to the origin.
+
 ``--big-download`` mode: a 1 GiB file is downloaded once through each target
 (default: rpxy only) with curl, then a 1 GiB body is uploaded through it to a
 small Python sink origin; the peak RSS of the proxy is compared to a limit
@@ -54,6 +59,16 @@ PACKAGES = {
     "curl": "curl",
     "taskset": "util-linux",
 }
+# extra binaries of the --h2/--h2c modes (wrk is not needed there)
+H2_PACKAGES = {
+    "h2load": "nghttp2-client",
+    "openssl": "openssl",
+    "curl": "curl",
+    "taskset": "util-linux",
+    "nginx": "nginx-light",
+    "haproxy": "haproxy",
+    "caddy": "caddy",
+}
 PROXY_TARGETS = ["rpxy", "nginx", "haproxy", "caddy"]
 # "direct" = wrk straight at the origin: the ceiling of the load core, not a proxy.
 ALL_TARGETS = PROXY_TARGETS + ["direct"]
@@ -75,8 +90,8 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- setup
 
 
-def ensure_packages(skip: bool) -> None:
-    missing = sorted({pkg for binary, pkg in PACKAGES.items() if shutil.which(binary) is None})
+def ensure_packages(skip: bool, packages: dict[str, str] = PACKAGES) -> None:
+    missing = sorted({pkg for binary, pkg in packages.items() if shutil.which(binary) is None})
     if not missing:
         return
     if skip:
@@ -95,7 +110,7 @@ def ensure_packages(skip: bool) -> None:
         log("apt-get install failed; running apt-get update and retrying")
         subprocess.run(prefix + ["apt-get", "update", "-q"], env=env, check=True)
         subprocess.run(cmd, env=env, check=True)
-    still = sorted({pkg for binary, pkg in PACKAGES.items() if shutil.which(binary) is None})
+    still = sorted({pkg for binary, pkg in packages.items() if shutil.which(binary) is None})
     if still:
         raise SystemExit(f"packages still missing after apt-get: {still}")
 
@@ -115,8 +130,10 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
-def render(template: str, dest: Path, **values: object) -> Path:
+def render(template: str, dest: Path, transform=None, **values: object) -> Path:
     text = (CONF_DIR / template).read_text()
+    if transform is not None:
+        text = transform(text)
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", str(value))
     leftover = re.findall(r"\{\{(\w+)\}\}", text)
@@ -395,6 +412,8 @@ class Env:
         self.load_cpu: int | None = args.load_cpu
         self.logs = tmp / "logs"
         self.logs.mkdir()
+        # cert/key/pem/ca paths (template values) in --h2 mode
+        self.tls: dict[str, str] | None = None
 
     def log_path(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -427,19 +446,29 @@ def start_sink(env: Env) -> tuple[subprocess.Popen, int]:
 
 
 def proxy_command(
-    env: Env, name: str, port: int, upstream_port: int, tag: str, rpxy_extra: str = ""
+    env: Env, name: str, port: int, upstream_port: int, tag: str, rpxy_extra: str = "", proto: str = "h1"
 ) -> tuple[list[str], dict[str, str] | None]:
+    """argv + environment of a proxy listening on 127.0.0.1:``port`` with protocol ``proto``.
+
+    ``proto`` is ``h1`` (the configs in bench/conf as they are), ``h2`` (TLS, ALPN h2 + http/1.1)
+    or ``h2c`` (cleartext HTTP/2, prior knowledge); the HTTP/2 configs are derived from the same
+    templates by ``h2_transform`` so everything else (upstream keep-alive, timeouts) stays identical.
+    """
     tmp = env.tmp
+    tls = env.tls or {}
+    transform = h2_transform(name, proto)
     if name == "nginx":
         for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (tmp / "proxy-nginx-tmp" / d).mkdir(parents=True, exist_ok=True)
-        conf = render("nginx.conf", tmp / f"nginx-{tag}.conf", prefix=tmp, port=port, upstream_port=upstream_port)
+        conf = render(
+            "nginx.conf", tmp / f"nginx-{tag}.conf", transform, prefix=tmp, port=port, upstream_port=upstream_port, **tls
+        )
         return ["nginx", "-p", f"{tmp}/", "-c", str(conf), "-e", str(tmp / "proxy-nginx.error.log")], None
     if name == "haproxy":
-        conf = render("haproxy.cfg", tmp / f"haproxy-{tag}.cfg", port=port, upstream_port=upstream_port)
+        conf = render("haproxy.cfg", tmp / f"haproxy-{tag}.cfg", transform, port=port, upstream_port=upstream_port, **tls)
         return ["haproxy", "-f", str(conf), "-db"], None
     if name == "caddy":
-        conf = render("Caddyfile", tmp / f"Caddyfile-{tag}", port=port, upstream_port=upstream_port)
+        conf = render("Caddyfile", tmp / f"Caddyfile-{tag}", transform, port=port, upstream_port=upstream_port, **tls)
         home = tmp / "caddy-home"
         home.mkdir(exist_ok=True)
         env_vars = dict(
@@ -454,7 +483,20 @@ def proxy_command(
         extra = "\n".join(x for x in (rpxy_extra, *env.args.rpxy_extra) if x)
         if env.args.connections > 400:
             extra += f"\nmax_clients = {env.args.connections * 2}"
-        conf = render("rpxy.toml", tmp / f"rpxy-{tag}.toml", port=port, upstream_port=upstream_port, rpxy_extra=extra)
+        clear_port = port
+        if proto == "h2":
+            # rpxy's TLS port (ALPN h2, http/1.1) is the one measured; its cleartext listen_port is another free port
+            clear_port = free_port()
+            extra += f"\nlisten_port_tls = {port}"
+        conf = render(
+            "rpxy.toml",
+            tmp / f"rpxy-{tag}.toml",
+            transform,
+            port=clear_port,
+            upstream_port=upstream_port,
+            rpxy_extra=extra,
+            **tls,
+        )
         argv = [*shlex.split(env.args.rpxy_cmd), "--config", str(conf)]
         if not env.args.rpxy_no_log_dir:
             log_dir = tmp / f"rpxy-logs-{tag}"
@@ -476,6 +518,209 @@ def start_proxy(
         env.procs.stop(p)
         raise
     return p, port
+
+
+# --------------------------------------------------------------------------- HTTP/2 (--h2, --h2c)
+
+
+def make_certs(tmp: Path) -> dict[str, str]:
+    """A throwaway CA and a P-256 server certificate for ``localhost`` (+ 127.0.0.1), via the openssl CLI.
+
+    Returns the template values: cert, key (PEM files) and pem (cert + key in one file, for HAProxy).
+    """
+    d = tmp / "tls"
+    d.mkdir()
+    ca_key, ca_crt = d / "ca.key", d / "ca.pem"
+    key, csr, crt, pem, ext = d / "localhost.key", d / "localhost.csr", d / "localhost.crt", d / "haproxy.pem", d / "ext.cnf"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ext.write_text(
+        "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n"
+        "subjectAltName = DNS:localhost, IP:127.0.0.1\n"
+    )
+    steps = [
+        ["openssl", "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca_crt), "-days", "2", "-subj", "/CN=rpxy bench throwaway CA"],
+        ["openssl", "req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=localhost"],
+        ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-set_serial", "1",
+         "-days", "2", "-extfile", str(ext), "-out", str(crt)],
+    ]  # fmt: skip
+    for argv in steps:
+        r = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:3])} failed:\n{r.stdout}{r.stderr}")
+    pem.write_text(crt.read_text() + key.read_text())
+    for f in (key, pem, ca_key):
+        f.chmod(0o600)
+    return {"cert": str(crt), "key": str(key), "pem": str(pem), "ca": str(ca_crt)}
+
+
+def _sub1(text: str, old: str, new: str, what: str) -> str:
+    if old not in text:
+        raise RuntimeError(f"{what}: cannot derive the HTTP/2 config, {old!r} is not in the template any more")
+    return text.replace(old, new, 1)
+
+
+def h2_transform(name: str, proto: str):
+    """A function turning the HTTP/1.1 template of ``name`` into its ``proto`` (h2/h2c) variant, or None."""
+    if proto == "h1":
+        return None
+    if proto not in ("h2", "h2c"):
+        raise ValueError(proto)
+    tls = proto == "h2"
+    if name == "nginx":
+        old = "listen 127.0.0.1:{{port}} backlog=4096;"
+        if tls:
+            new = (
+                "listen 127.0.0.1:{{port}} ssl http2 backlog=4096;\n"
+                "        ssl_certificate {{cert}};\n        ssl_certificate_key {{key}};\n"
+                # nginx 1.22's default ssl_protocols lacks TLSv1.3 (the others all negotiate 1.3)
+                "        ssl_protocols TLSv1.2 TLSv1.3;"
+            )
+        else:  # "listen ... http2" without ssl: h2c with prior knowledge only
+            new = "listen 127.0.0.1:{{port}} http2 backlog=4096;"
+        return lambda t: _sub1(t, old, new, "nginx.conf")
+    if name == "haproxy":
+        old = "bind 127.0.0.1:{{port}}\n"
+        new = "bind 127.0.0.1:{{port}} ssl crt {{pem}} alpn h2,http/1.1\n" if tls else "bind 127.0.0.1:{{port}} proto h2\n"
+        return lambda t: _sub1(t, old, new, "haproxy.cfg")
+    if name == "caddy":
+        if tls:
+            # default_sni: in case a client sends no SNI; the site address gives Caddy's own h1/h2 TLS server
+            def caddy(t: str) -> str:
+                t = _sub1(t, "auto_https off\n", "auto_https off\n\tdefault_sni localhost\n", "Caddyfile")
+                return _sub1(t, "http://:{{port}} {\n", "https://localhost:{{port}} {\n\ttls {{cert}} {{key}}\n", "Caddyfile")
+
+            return caddy
+        return lambda t: _sub1(
+            t, "auto_https off\n", "auto_https off\n\tservers {\n\t\tprotocols h1 h2c\n\t}\n", "Caddyfile"
+        )
+    if name == "rpxy":
+        if not tls:  # rpxy's cleartext port takes h2c prior knowledge as it is
+            return None
+        line = 'tls = { tls_cert_path = "{{cert}}", tls_cert_key_path = "{{key}}", https_redirection = false }\n'
+        return lambda t: _sub1(t, 'server_name = "localhost"\n', 'server_name = "localhost"\n' + line, "rpxy.toml")
+    raise ValueError(name)
+
+
+def h2_url(proto: str, port: int) -> str:
+    # "localhost" gives SNI + :authority localhost (rpxy's server_name, Caddy's site); clients are told to
+    # connect to 127.0.0.1 (curl --resolve, h2load --connect-to) whatever localhost resolves to
+    return f"{'https' if proto == 'h2' else 'http'}://{HOST_HEADER}:{port}/"
+
+
+def h2_check(env: Env, port: int) -> tuple[str, str]:
+    """One GET through curl over HTTP/2: ("ok"|"wait"|"bad", detail)."""
+    proto = env.args.proto
+    argv = ["curl", "-sS", "-o", "/dev/null", "--max-time", "3", "-w", "%{http_code} %{http_version} %{size_download}"]
+    argv += ["-k", "--http2"] if proto == "h2" else ["--http2-prior-knowledge"]
+    argv += ["--resolve", f"{HOST_HEADER}:{port}:127.0.0.1", h2_url(proto, port)]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except subprocess.TimeoutExpired:
+        return "wait", "curl timed out"
+    parts = r.stdout.split()
+    if r.returncode != 0 or len(parts) != 3:
+        return "wait", f"curl exit {r.returncode}: {(r.stderr or r.stdout).strip()[:200]}"
+    code, version, size = parts
+    if code != "200":
+        return "wait", f"status {code}"
+    if version != "2":
+        return "bad", f"answered over HTTP/{version}, not HTTP/2"
+    if int(float(size)) != BODY_SIZE:
+        return "bad", f"body is {size} bytes, expected {BODY_SIZE}"
+    return "ok", ""
+
+
+def start_proxy_h2(env: Env, name: str, upstream_port: int) -> tuple[subprocess.Popen, int]:
+    proto = env.args.proto
+    port = free_port()
+    argv, env_vars = proxy_command(env, name, port, upstream_port, proto, proto=proto)
+    p = env.procs.start(name, argv, env.log_path(f"{name}-{proto}"), cpu=env.proxy_cpu, env=env_vars)
+    try:
+        deadline = time.monotonic() + env.args.start_timeout
+        last = "no answer"
+        while True:
+            if p.poll() is not None:
+                raise StartError(f"{name} exited with code {p.returncode}:\n{tail(p.bench_log)}")  # type: ignore[attr-defined]
+            state, last = h2_check(env, port)
+            if state == "ok":
+                break
+            if state == "bad":
+                raise StartError(f"{name} on port {port}: {last}")
+            if time.monotonic() > deadline:
+                raise StartError(
+                    f"{name} not ready over {proto} on port {port} after {env.args.start_timeout:.0f}s ({last})\n"
+                    f"{tail(p.bench_log)}"  # type: ignore[attr-defined]
+                )
+            time.sleep(0.2)
+    except BaseException:
+        env.procs.stop(p)
+        raise
+    return p, port
+
+
+def parse_h2load(text: str) -> dict:
+    m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", text)
+    if not m:
+        raise ValueError("no 'finished in ... req/s' in h2load output")
+    out: dict = {"rps": float(m.group(3)), "latency_ms": {}}
+    m = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", text
+    )
+    if not m:
+        raise ValueError("no 'requests:' line in h2load output")
+    total, _started, done, ok, failed, errored, timeout = map(int, m.groups())
+    out.update(total=total, done=done, requests=ok, failed=failed, errored=errored, timeout=timeout)
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    codes = dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, m.groups()))) if m else {}
+    out["status_codes"] = codes
+    out["non_2xx_3xx"] = codes.get("4xx", 0) + codes.get("5xx", 0)
+    # h2load gives no percentiles: min / max / mean / sd of the per-request time
+    m = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", text)
+    if m:
+        g = m.groups()
+        for i, key in enumerate(("min", "max", "mean", "sd")):
+            out["latency_ms"][key] = round(float(g[2 * i]) * _UNIT_MS[g[2 * i + 1]], 4)
+    m = re.search(r"Application protocol: (\S+)", text)
+    out["protocol"] = m.group(1) if m else None
+    m = re.search(r"Cipher: (\S+)", text)
+    out["cipher"] = m.group(1) if m else None
+    m = re.search(r"TLS Protocol: (\S+)", text)
+    out["tls_protocol"] = m.group(1) if m else None
+    out["errors"] = failed + errored + timeout + out["non_2xx_3xx"] + (total - done)
+    return out
+
+
+def run_h2load(env: Env, port: int, requests: int, tag: str) -> dict:
+    a = env.args
+    argv = [
+        "h2load",
+        f"-n{requests}",
+        f"-c{a.connections}",
+        f"-m{a.streams}",
+        f"-t{a.threads}",
+        "-N",
+        "10s",  # a connection without activity for 10 s is given up (counted as timeout), no hang
+        "--connect-to",
+        f"127.0.0.1:{port}",
+        # one TLS 1.3 suite for every target (HAProxy would otherwise pick AES-256, the others AES-128)
+        "--tls13-ciphers=TLS_AES_128_GCM_SHA256",
+        h2_url(a.proto, port),
+    ]
+    out_path = env.log_path(f"h2load-{tag}")
+    p = env.procs.start("h2load", argv, out_path, cpu=env.load_cpu)
+    try:
+        p.wait(requests / 500 + 60)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("h2load hung") from None
+    finally:
+        env.procs.stop(p)
+    text = out_path.read_text(errors="replace")
+    if p.returncode != 0:
+        raise RuntimeError(f"h2load failed ({p.returncode}):\n{text[-3000:]}")
+    r = parse_h2load(text)
+    if r["protocol"] != "h2" and r["protocol"] != "h2c":
+        raise RuntimeError(f"h2load negotiated {r['protocol']!r}, not h2:\n{text[-3000:]}")
+    return r
 
 
 def rpxy_available(args: argparse.Namespace) -> str | None:
@@ -546,17 +791,21 @@ def run_wrk(env: Env, port: int, duration: float, tag: str) -> dict:
 
 def bench_target(env: Env, name: str, origin_port: int) -> dict:
     a = env.args
+    h2 = a.proto != "h1"
     res: dict = {"target": name}
     proc = None
     sampler = None
     if name == "direct":
         port = origin_port
         sid = None
+    elif h2:
+        proc, port = start_proxy_h2(env, name, origin_port)
+        sid = proc.pid
     else:
         proc, port = start_proxy(env, name, origin_port, "rps", BODY_SIZE)
         sid = proc.pid
     try:
-        res["warnings"] = response_warnings(port)
+        res["warnings"] = [] if h2 else response_warnings(port)
         for w in res["warnings"]:
             log(f"{name}: WARNING {w}")
         if sid is not None:
@@ -564,7 +813,10 @@ def bench_target(env: Env, name: str, origin_port: int) -> dict:
         if sid is not None:
             sampler = MemSampler(sid, a.sample_interval)
             sampler.start()
-        if a.warmup > 0:
+        if h2 and a.warmup_requests > 0:
+            log(f"{name}: warmup {a.warmup_requests} requests")
+            run_h2load(env, port, a.warmup_requests, f"{name}-warmup")
+        elif not h2 and a.warmup > 0:
             log(f"{name}: warmup {a.warmup}s")
             run_wrk(env, port, a.warmup, f"{name}-warmup")
         runs = []
@@ -573,7 +825,10 @@ def bench_target(env: Env, name: str, origin_port: int) -> dict:
             cpu0 = cpu_seconds(pids)
             cores0 = core_times()
             t0 = time.monotonic()
-            r = run_wrk(env, port, a.duration, f"{name}-run{i + 1}")
+            if h2:
+                r = run_h2load(env, port, a.requests, f"{name}-run{i + 1}")
+            else:
+                r = run_wrk(env, port, a.duration, f"{name}-run{i + 1}")
             wall = time.monotonic() - t0
             cores1 = core_times()
             if sid is not None:
@@ -582,8 +837,12 @@ def bench_target(env: Env, name: str, origin_port: int) -> dict:
             r["proxy_core_task_pct"] = _round(core_busy(cores0, cores1, env.proxy_cpu, 2))
             r["load_core_busy_pct"] = _round(core_busy(cores0, cores1, env.load_cpu))
             runs.append(r)
+            if h2:
+                lat = f"mean {r['latency_ms'].get('mean')} ms, max {r['latency_ms'].get('max')} ms, {r.get('tls_protocol') or 'h2c'} {r.get('cipher') or ''}"
+            else:
+                lat = f"p99 {r['latency_ms'].get('99', float('nan'))} ms"
             log(
-                f"{name} run {i + 1}/{a.runs}: {r['rps']:.0f} req/s, p99 {r['latency_ms'].get('99', float('nan'))} ms, "
+                f"{name} run {i + 1}/{a.runs}: {r['rps']:.0f} req/s, {lat}, "
                 f"errors {r['errors']}, proxy cpu {_fmt(r.get('proxy_cpu_pct'))}%, "
                 f"core{env.proxy_cpu} {r['proxy_core_busy_pct']}%, core{env.load_cpu} {r['load_core_busy_pct']}%"
             )
@@ -600,6 +859,12 @@ def bench_target(env: Env, name: str, origin_port: int) -> dict:
         for q in ("50", "99"):
             vals = [r["latency_ms"][q] for r in runs if q in r["latency_ms"]]
             res[f"median_p{q}_ms"] = statistics.median(vals) if vals else None
+        for q in ("mean", "max"):  # h2load: per-request time, no percentiles
+            vals = [r["latency_ms"][q] for r in runs if q in r["latency_ms"]]
+            res[f"median_{q}_ms"] = statistics.median(vals) if vals else None
+        if h2:
+            res["protocol"] = sorted({str(r.get("protocol")) for r in runs})
+            res["cipher"] = sorted({str(r.get("cipher")) for r in runs if r.get("cipher")})
         res["errors"] = sum(r["errors"] for r in runs)
         for key in ("proxy_cpu_pct", "proxy_core_busy_pct", "proxy_core_task_pct", "load_core_busy_pct"):
             vals = [r[key] for r in runs if r.get(key) is not None]
@@ -627,8 +892,12 @@ def throughput_table(results: list[dict], env: Env) -> str:
     nginx = next((r for r in results if r["target"] == "nginx" and r.get("ok")), None)
     base = nginx["median_rps"] if nginx else None
     pc, lc = env.proxy_cpu, env.load_cpu
+    h2 = env.args.proto != "h1"
+    # h2load reports no percentiles: mean and max of the per-request time instead of p50 / p99
+    lat_cols, lat_keys = (("mean ms", "max ms"), ("median_mean_ms", "median_max_ms")) if h2 else (
+        ("p50 ms", "p99 ms"), ("median_p50_ms", "median_p99_ms"))  # fmt: skip
     head = (
-        f"| target | req/s (median) | vs nginx | p50 ms | p99 ms | peak RSS MiB | proxy CPU % | core{pc} busy % | core{lc} busy % | errors |\n"
+        f"| target | req/s (median) | vs nginx | {lat_cols[0]} | {lat_cols[1]} | peak RSS MiB | proxy CPU % | core{pc} busy % | core{lc} busy % | errors |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
@@ -639,7 +908,7 @@ def throughput_table(results: list[dict], env: Env) -> str:
         ratio = f"{r['median_rps'] / base:.2f}x" if base else "-"
         rss = r.get("peak_rss_bytes")
         rows.append(
-            f"| {r['target']} | {r['median_rps']:,.0f} | {ratio} | {_fmt(r['median_p50_ms'], '.2f')} | {_fmt(r['median_p99_ms'], '.2f')} | "
+            f"| {r['target']} | {r['median_rps']:,.0f} | {ratio} | {_fmt(r[lat_keys[0]], '.2f')} | {_fmt(r[lat_keys[1]], '.2f')} | "
             f"{_fmt(rss / MiB if rss else None, '.1f')} | {_fmt(r.get('median_proxy_cpu_pct'))} | "
             f"{_fmt(r.get('median_proxy_core_busy_pct'))} | {_fmt(r.get('median_load_core_busy_pct'))} | {r['errors']} |"
         )
@@ -671,12 +940,12 @@ def throughput_notes(results: list[dict], env: Env) -> list[str]:
                 )
             elif load is not None and load >= 95:
                 notes.append(
-                    f"{r['target']}: load-bound: the load core (wrk + origin) was saturated ({load}%) while the proxy's "
+                    f"{r['target']}: load-bound: the load core ({'h2load' if env.args.proto != 'h1' else 'wrk'} + origin) was saturated ({load}%) while the proxy's "
                     f"core was {core}% busy -- its req/s is a lower bound, limited by the load side, not by the proxy."
                 )
         if r["errors"]:
             notes.append(f"{r['target']}: {r['errors']} errors (socket errors or non-2xx/3xx) -- see the JSON.")
-        if any(run.get("requests") == 0 for run in r["runs"]):
+        if env.args.proto == "h1" and any(run.get("requests") == 0 for run in r["runs"]):
             notes.append(
                 f"{r['target']}: wrk completed no request in some run: it could not parse the responses "
                 "(wrk counts that as read errors) -- check `curl -v` through the proxy for malformed/duplicate headers."
@@ -850,8 +1119,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="wrk runs per target")
     p.add_argument("--duration", type=float, default=10, help="seconds per wrk run")
     p.add_argument("--warmup", type=float, default=2, help="seconds of discarded wrk warmup per target (0 = none)")
-    p.add_argument("-c", "--connections", type=int, default=50, help="wrk connections")
-    p.add_argument("-t", "--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("-c", "--connections", type=int, default=None, help="wrk / h2load connections (default 50; 10 with --h2/--h2c)")
+    p.add_argument("-t", "--threads", type=int, default=1, help="wrk / h2load threads")
+    h2g = p.add_mutually_exclusive_group()
+    h2g.add_argument(
+        "--h2", action="store_true", help="HTTP/2 over TLS (ALPN h2, throwaway localhost cert), loaded with h2load instead of wrk"
+    )
+    h2g.add_argument("--h2c", action="store_true", help="cleartext HTTP/2 with prior knowledge, loaded with h2load")
+    p.add_argument(
+        "-n", "--requests", type=int, default=None, help="h2load requests per run (--h2/--h2c; default 100000, 20000 with --quick)"
+    )
+    p.add_argument("-m", "--streams", type=int, default=10, help="h2load max concurrent streams per connection (-m)")
+    p.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=None,
+        help="h2load requests of discarded warmup per target (--h2/--h2c; default 5000, 2000 with --quick; 0 = none)",
+    )
     p.add_argument("--proxy-cpu", type=int, default=0, help="core the proxy is pinned to")
     p.add_argument("--load-cpu", type=int, default=1, help="core for origin, wrk/curl and this script")
     p.add_argument("--sample-interval", type=float, default=0.1, help="RSS sampling period (s) during wrk runs")
@@ -886,6 +1170,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for inspection")
     p.add_argument("--no-json", action="store_true", help="do not write bench/results/<timestamp>.json")
     args = p.parse_args(argv)
+    args.proto = "h2" if args.h2 else "h2c" if args.h2c else "h1"
+    if args.connections is None:
+        args.connections = 50 if args.proto == "h1" else 10
+    if args.requests is None:
+        args.requests = 20000 if args.quick else 100000
+    if args.warmup_requests is None:
+        args.warmup_requests = 2000 if args.quick else 5000
     if args.quick:
         args.runs, args.duration, args.warmup = 1, 3, 1
     if args.big_size is None:
@@ -900,6 +1191,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.targets = ["rpxy"] if args.big_download else list(PROXY_TARGETS)
     if args.big_download and "direct" in args.targets:
         p.error("'direct' is not a proxy; it has no meaning with --big-download")
+    if args.proto != "h1" and args.big_download:
+        p.error("--h2/--h2c and --big-download are separate modes")
+    if args.proto != "h1" and "direct" in args.targets:
+        p.error("'direct' has no meaning with --h2/--h2c: the origin speaks HTTP/1.1 only")
+    if args.proto != "h1" and (args.requests < 1 or args.threads > args.connections):
+        p.error("--requests must be >= 1 and --threads <= --connections")
     if args.runs < 1 or args.duration < 1:
         p.error("--runs and --duration must be >= 1")
     return args
@@ -944,6 +1241,9 @@ def machine_info(args: argparse.Namespace) -> dict:
         "wrk": cmd_output(["wrk", "-v"]),
         "curl": cmd_output(["curl", "--version"]),
     }
+    if args.proto != "h1":
+        versions["h2load"] = cmd_output(["h2load", "--version"])
+        versions["openssl"] = cmd_output(["openssl", "version"])
     if "rpxy" in args.targets and rpxy_available(args) is None:
         versions["rpxy"] = cmd_output([*shlex.split(args.rpxy_cmd), "--version"], timeout=20)
     return {
@@ -973,7 +1273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if sys.platform != "linux":
         raise SystemExit("Linux only (uses /proc and taskset)")
-    ensure_packages(args.no_install)
+    ensure_packages(args.no_install, PACKAGES if args.proto == "h1" else H2_PACKAGES)
     setup_cpus(args)
     raise_nofile()
     # Ctrl-C -> KeyboardInterrupt even if SIGINT was inherited as ignored (background jobs)
@@ -984,7 +1284,7 @@ def main(argv: list[str] | None = None) -> int:
     started = _dt.datetime.now().astimezone()
     payload: dict = {
         "timestamp": started.strftime("%Y-%m-%dT%H:%M:%S"),
-        "mode": "big-download" if args.big_download else "throughput",
+        "mode": "big-download" if args.big_download else "throughput" if args.proto == "h1" else f"throughput-{args.proto}",
         "machine": machine_info(args),
         "params": {k: v for k, v in vars(args).items() if k not in ("only",)},
         "results": [],
@@ -1000,6 +1300,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         origin, origin_port = start_origin_nginx(env)
         log(f"origin nginx on 127.0.0.1:{origin_port}")
+        if args.proto == "h2":
+            env.tls = make_certs(tmp)
+            log(f"throwaway CA + localhost certificate in {tmp / 'tls'}")
         if args.big_download:
             big_name = "big.bin"
             os.truncate(_touch(tmp / "docroot" / big_name), args.big_size)
@@ -1059,6 +1362,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"Big transfer: {args.big_size / MiB:.0f} MiB{rate}, proxy on core {args.proxy_cpu}, curl/origin on core {args.load_cpu}\n"
         )
+    elif args.proto != "h1":
+        over = "TLS (ALPN h2)" if args.proto == "h2" else "cleartext h2c (prior knowledge)"
+        print(
+            f"h2load -n {args.requests} -c {args.connections} -m {args.streams} -t {args.threads} over {over}, "
+            f"{args.runs} run(s) per target after {args.warmup_requests} warmup requests, "
+            f"proxy on core {args.proxy_cpu}, origin+h2load on core {args.load_cpu}; "
+            "mean/max ms = h2load's per-request time (it reports no percentiles), median over the runs\n"
+        )
     else:
         print(
             f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, {args.runs} run(s) per target, "
@@ -1071,7 +1382,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
     for n in notes:
         print(f"- {n}")
-    path = write_json(args, payload, "-big" if args.big_download else "")
+    path = write_json(args, payload, "-big" if args.big_download else "" if args.proto == "h1" else f"-{args.proto}")
     if path:
         print(f"\nJSON: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     if interrupted:
