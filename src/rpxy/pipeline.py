@@ -23,12 +23,14 @@ from rpxy.policy.host import request_host
 from rpxy.policy.paths import rewrite_path, split_path_query
 from rpxy.policy.responses import https_redirect_location
 from rpxy.upstream.h1client import UpstreamConnection
+from rpxy.upstream.h2client import H2UpstreamStream, request_fields
 from rpxy.upstream.sticky import strip_sticky_cookie
 
 if TYPE_CHECKING:
     from rpxy.logs import AccessLog
     from rpxy.state import AppRuntime, RouteRuntime, RuntimeState, StateHolder
     from rpxy.streams import ResponseSink, TunnelEnd
+    from rpxy.upstream.h2client import H2UpstreamPool
     from rpxy.upstream.pool import UpstreamPool
 
 log = Logger()
@@ -206,8 +208,20 @@ class _LocalExchange:
 _LOCAL_EXCHANGE = _LocalExchange()
 
 
+def wants_http2(route: RouteRuntime, headers: Headers, upgrade: bytes | None) -> bool:
+    """The upstream version: gRPC always HTTP/2, force options override, otherwise HTTP/1.1."""
+    if route.h2_pools is None or upgrade is not None:
+        return False  # force_http11_upstream, or a protocol switch (HTTP/1.1 only)
+    if route.force_http2:
+        return True
+    for name, value in headers:
+        if name == b"content-type":
+            return value[:16].lower() == b"application/grpc"
+    return False
+
+
 class ProxyExchange:
-    """One request relayed to one upstream over HTTP/1.1, streaming both ways."""
+    """One request relayed to one upstream over HTTP/1.1 or HTTP/2, streaming both ways."""
 
     def __init__(
         self,
@@ -246,7 +260,8 @@ class ProxyExchange:
         self.body_expected = body_expected
         self.max_body = max_body if content_length is None else 0
         self.body_seen = 0
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: UpstreamConnection | H2UpstreamStream | None = None
+        self.http2 = wants_http2(route, headers, upgrade)
         self.pending: list[bytes] | None = [] if body_expected else None
         self.request_done = not body_expected
         self.request_trailers: Headers | None = None
@@ -264,7 +279,9 @@ class ProxyExchange:
     # -- lifecycle ------------------------------------------------------------
 
     @property
-    def pool(self) -> UpstreamPool:
+    def pool(self) -> UpstreamPool | H2UpstreamPool:
+        if self.http2:
+            return self.route.h2_pools[self.index]  # type: ignore[index]
         return self.route.pools[self.index]
 
     def start(self, *, fresh: bool = False) -> None:
@@ -274,20 +291,23 @@ class ProxyExchange:
             self.sink.request_producer.pauseProducing()
         self.pool.acquire(self._connected, self._connect_failed, fresh=fresh)
 
-    def _connected(self, upstream: UpstreamConnection) -> None:
+    def _connected(self, upstream: UpstreamConnection | H2UpstreamStream) -> None:
         if self.finished:
             # The client left while we connected: keep the connection for someone else.
             upstream.pool.release(upstream)
             return
         self.upstream = upstream
         has_body = self.body_expected
-        chunked = has_body and self.content_length is None
-        upstream.send_request(
-            self,
-            self._encode_head(chunked),
-            is_head=self.head.method == b"HEAD",
-            chunked_body=chunked,
-        )
+        if isinstance(upstream, H2UpstreamStream):
+            upstream.send_request_fields(self, self._h2_fields(upstream), end_stream=not has_body)
+        else:
+            chunked = has_body and self.content_length is None
+            upstream.send_request(
+                self,
+                self._encode_head(chunked),
+                is_head=self.head.method == b"HEAD",
+                chunked_body=chunked,
+            )
         timeout = self.state.config.upstream_response_timeout
         if timeout > 0:
             self.timer = True
@@ -305,6 +325,16 @@ class ProxyExchange:
         if self.paused_client:
             self.paused_client = False
             self.sink.request_producer.resumeProducing()
+
+    def _h2_fields(self, upstream: H2UpstreamStream) -> Headers:
+        route = self.route
+        return request_fields(
+            self.head.method,
+            b"https" if upstream.pool.upstream.tls else b"http",
+            self.upstream_path,
+            self.headers,
+            route.upstream_hosts[self.index] if route.set_upstream_host else None,
+        )
 
     def _encode_head(self, chunked: bool) -> bytes:
         route = self.route

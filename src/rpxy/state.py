@@ -18,6 +18,7 @@ from rpxy.routing import HostRouter, PathRouter
 from rpxy.tls import SniContextMap, TlsMaterialError, TlsOptions
 from rpxy.upstream.balance import UpstreamGroup
 from rpxy.upstream.health import HealthChecker, HealthState
+from rpxy.upstream.h2client import H2UpstreamPool
 from rpxy.upstream.pool import UpstreamPool
 from rpxy.upstream.sticky import StickyCodec
 
@@ -37,6 +38,10 @@ class RouteRuntime:
     sticky: bool
     upstream_hosts: tuple[bytes, ...]
     upstream_uris: tuple[str, ...]
+    #: HTTP/2 pools per upstream (gRPC, force_http2_upstream); None with force_http11_upstream.
+    h2_pools: tuple[H2UpstreamPool, ...] | None = None
+    #: force_http2_upstream: every request goes over HTTP/2.
+    force_http2: bool = False
 
 
 @attrs.define(slots=True, eq=False)
@@ -57,7 +62,7 @@ class RuntimeState:
     max_body: int
     https_port_for_clients: int | None
     health_checkers: tuple[HealthChecker, ...]
-    pools: tuple[UpstreamPool, ...]
+    pools: tuple[UpstreamPool | H2UpstreamPool, ...]
     #: Per-app TLS contexts by server name; None when there is no TLS listener.
     tls_contexts: SniContextMap | None = None
     ignore_sni_consistency: bool = False
@@ -76,7 +81,7 @@ def _route(
     rng: random.Random,
     sticky: StickyCodec | None,
     checkers: list[HealthChecker],
-    pools: list[UpstreamPool],
+    pools: list[UpstreamPool | H2UpstreamPool],
 ) -> RouteRuntime:
     states = None
     if route.health_check is not None:
@@ -102,6 +107,14 @@ def _route(
     )
     pools.extend(route_pools)
     options = route.upstream_options
+    h2_pools = None
+    if "force_http11_upstream" not in options:
+        # gRPC always goes over HTTP/2 (h2c for http://), so every other route may need these.
+        h2_pools = tuple(
+            H2UpstreamPool(upstream, reactor, connect_timeout=config.upstream_connect_timeout)
+            for upstream in route.upstream
+        )
+        pools.extend(h2_pools)
     return RouteRuntime(
         config=route,
         group=group,
@@ -114,6 +127,8 @@ def _route(
         sticky=route.load_balance == "sticky",
         upstream_hosts=tuple(upstream.location.encode() for upstream in route.upstream),
         upstream_uris=tuple(upstream.uri for upstream in route.upstream),
+        h2_pools=h2_pools,
+        force_http2="force_http2_upstream" in options,
     )
 
 
@@ -123,7 +138,7 @@ def build_state(config: Config, reactor, rng: random.Random | None = None) -> Ru
     tls_contexts = build_tls_contexts(config)
     sticky = StickyCodec(config.sticky_cookie_secret) if config.sticky_cookie_secret else None
     checkers: list[HealthChecker] = []
-    pools: list[UpstreamPool] = []
+    pools: list[UpstreamPool | H2UpstreamPool] = []
     apps: list[tuple[str, AppRuntime]] = []
     by_name: dict[str, AppRuntime] = {}
     for app in config.apps:

@@ -479,7 +479,6 @@ trusted_proxies = ["127.0.0.1"]
 def test_not_yet_supported_set_is_what_the_lead_listed() -> None:
     assert {
         "apps.*.tls.acme",
-        "apps.*.reverse_proxy[*].upstream_options.force_http2_upstream",
         "experimental.h3",
         "experimental.cache",
         "experimental.acme",

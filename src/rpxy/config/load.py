@@ -58,7 +58,6 @@ __all__ = [
 NOT_YET_SUPPORTED: frozenset[str] = frozenset(
     {
         "apps.*.tls.acme",
-        "apps.*.reverse_proxy[*].upstream_options.force_http2_upstream",
         "experimental.h3",
         "experimental.cache",
         "experimental.acme",
@@ -1033,8 +1032,6 @@ class _Loader:
                 self.ctx.error(item_path, f'unknown option "{text}" (expected one of: {", ".join(UPSTREAM_OPTIONS)})')
         if {"force_http11_upstream", "force_http2_upstream"} <= options:
             route.error("upstream_options", "force_http11_upstream and force_http2_upstream are mutually exclusive")
-        if "force_http2_upstream" in options:
-            self.ctx.not_yet_supported("apps.*.reverse_proxy[*].upstream_options.force_http2_upstream")
         if {"keep_original_host", "set_upstream_host"} <= options:
             route.warn("upstream_options", "keep_original_host wins over set_upstream_host (Host is kept)")
         return frozenset(options)

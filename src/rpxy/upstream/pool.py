@@ -25,7 +25,9 @@ from rpxy.upstream.h1client import UpstreamConnection
 log = Logger()
 
 
-def _endpoint(reactor, upstream: UpstreamConfig, connect_timeout: float) -> IStreamClientEndpoint:
+def _endpoint(
+    reactor, upstream: UpstreamConfig, connect_timeout: float, alpn: list[bytes] | None = None
+) -> IStreamClientEndpoint:
     try:
         address = ipaddress.ip_address(upstream.host)
     except ValueError:
@@ -43,7 +45,7 @@ def _endpoint(reactor, upstream: UpstreamConfig, connect_timeout: float) -> IStr
         creator = ssl.optionsForClientTLS(
             upstream.host,
             trustRoot=trust_root if trust_root is not None else ssl.platformTrust(),
-            acceptableProtocols=[b"http/1.1"],
+            acceptableProtocols=alpn or [b"http/1.1"],
         )
         endpoint = wrapClientTLS(creator, endpoint)
     return endpoint
