@@ -41,6 +41,9 @@ class RequestHead:
     version: bytes  # b"1.0", b"1.1", b"2", b"3"
     headers: Headers
     authority: bytes | None = None
+    #: HTTP/2 extended CONNECT (RFC 8441): the ``:protocol`` to relay as an HTTP/1.1
+    #: Upgrade (``b"websocket"``); None for every other request.
+    protocol: bytes | None = None
 
 
 class HttpError(Exception):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -90,7 +90,8 @@ class Pipeline:
             return self._local(404, conn, head, sink, host=host)
         prefix, route = match
 
-        upgrade = requested_upgrade(head.headers) if head.version == b"1.1" else None
+        # HTTP/1.1 asks with Upgrade; HTTP/2 with an extended CONNECT (RFC 8441 ``:protocol``).
+        upgrade = requested_upgrade(head.headers) if head.version == b"1.1" else head.protocol
         if fallback and not route.set_upstream_host:
             upstream_host: bytes | None = app.server_name_bytes
         else:
@@ -600,3 +601,9 @@ class _UpstreamTunnelEnd:
 
     def resume(self) -> None:
         self.upstream.resumeProducing()
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        """While registered, ``producer`` (the client's side) is paused when the upstream is full."""
+        transport = self.upstream.transport
+        if transport is not None:
+            transport.registerProducer(producer, True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 from rpxy.message import Headers
 
@@ -54,6 +55,28 @@ class TunnelEnd(Protocol):
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        """While registered, this end pauses ``producer`` when it cannot take more bytes."""
+
+
+@implementer(IPushProducer)
+class TunnelPauser:
+    """Pauses one end of a tunnel while the other end cannot take more bytes."""
+
+    __slots__ = ("end",)
+
+    def __init__(self, end: TunnelEnd) -> None:
+        self.end = end
+
+    def pauseProducing(self) -> None:
+        self.end.pause()
+
+    def resumeProducing(self) -> None:
+        self.end.resume()
+
+    def stopProducing(self) -> None:
+        self.end.close()
 
 
 class Exchange(Protocol):

@@ -32,6 +32,7 @@ from rpxy.netio import write_now
 from rpxy.pipeline import requested_upgrade, send_local_response
 from rpxy.policy.responses import reason
 from rpxy.policy.validate import MAX_HEADER_COUNT, check_request_head
+from rpxy.streams import TunnelPauser
 from rpxy.tls import connection_sni
 
 if TYPE_CHECKING:
@@ -245,23 +246,6 @@ class _Cycle:
 
     def start_tunnel(self, upstream: TunnelEnd) -> TunnelEnd:
         return self.connection._start_tunnel(upstream)
-
-
-@implementer(IPushProducer)
-class _TunnelPauser:
-    """Pauses one end of a tunnel when the other end's transport is full."""
-
-    def __init__(self, end: TunnelEnd) -> None:
-        self.end = end
-
-    def pauseProducing(self) -> None:
-        self.end.pause()
-
-    def resumeProducing(self) -> None:
-        self.end.resume()
-
-    def stopProducing(self) -> None:
-        self.end.close()
 
 
 class _ClientTunnelEnd:
@@ -720,7 +704,7 @@ class H1Connection(Protocol):
         self.active = None
         self.queue.clear()
         client_end = _ClientTunnelEnd(self)
-        self.transport.registerProducer(_TunnelPauser(upstream), True)
+        self.transport.registerProducer(TunnelPauser(upstream), True)
         buffered, self.upgrade_buffer = self.upgrade_buffer, None
         if buffered:
             for chunk in buffered:

@@ -22,6 +22,12 @@ Flow control is end to end, with no whole-body buffering:
   DATA waits, and past :data:`MAX_OUTPUT_WHILE_BLOCKED` of other output (response
   HEADERS, control answers) reading from the client stops too.
 
+WebSocket over HTTP/2 (RFC 8441): SETTINGS_ENABLE_CONNECT_PROTOCOL is advertised; an
+extended CONNECT with ``:protocol websocket`` reaches the pipeline as a GET whose
+``RequestHead.protocol`` asks for the Upgrade (with a generated ``sec-websocket-key`` for
+the HTTP/1.1 upstream). The upstream's 101 is answered ``:status 200`` and the stream
+becomes a tunnel (:meth:`_Stream.start_tunnel`) with the same flow control as bodies.
+
 Malformed requests (RFC 9113 section 8.1.1: uppercase or invalid field names,
 connection-specific fields, CR/LF/NUL or surrounding whitespace in values, bad
 pseudo-headers, a Content-Length the DATA does not match) are stream errors:
@@ -43,6 +49,8 @@ the RFC asks for (``h2`` chooses the code) and the connection is closed.
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 from collections import deque
 from typing import TYPE_CHECKING
@@ -89,6 +97,7 @@ from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
 from rpxy.netio import write_now
 from rpxy.pipeline import send_local_response
 from rpxy.policy.validate import check_request_head
+from rpxy.streams import TunnelPauser
 
 if TYPE_CHECKING:
     from rpxy.config.model import Config
@@ -100,6 +109,7 @@ __all__ = [
     "IDLE_TIMEOUT",
     "MAX_HEADER_LIST_SIZE",
     "PREFACE",
+    "parse_extended_request",
     "parse_request_headers",
     "check_trailers",
 ]
@@ -159,14 +169,27 @@ class Malformed(Exception):
 def parse_request_headers(headers: Headers) -> tuple[bytes, bytes, bytes | None, Headers]:
     """``(method, path, authority, regular fields)`` of a request header block.
 
+    As :func:`parse_extended_request`, but ``:protocol`` (extended CONNECT) is malformed.
+    """
+    method, path, authority, regular, protocol = parse_extended_request(headers)
+    if protocol is not None:
+        raise Malformed("unknown pseudo-header b':protocol'")
+    return method, path, authority, regular
+
+
+def parse_extended_request(headers: Headers) -> tuple[bytes, bytes, bytes | None, Headers, bytes | None]:
+    """``(method, path, authority, regular fields, protocol)`` of a request header block.
+
     Raises :class:`Malformed` for anything RFC 9113 section 8 makes malformed: unknown,
     repeated, missing or misplaced pseudo-headers, an empty or non-origin-form
     ``:path`` (``*`` only for OPTIONS), a method that is not a token, field names that
     are not lower-case tokens, values with NUL/CR/LF or surrounding whitespace,
     connection-specific fields and ``te`` other than ``trailers``. CONNECT (which has
-    no ``:path``) is returned with path ``b""`` for the caller to refuse.
+    no ``:path``) is returned with path ``b""`` for the caller to refuse. An extended
+    CONNECT (RFC 8441: ``:protocol``, allowed only with CONNECT) needs ``:scheme`` and
+    ``:path`` as any other request; ``protocol`` is None for every other request.
     """
-    method = scheme = path = authority = None
+    method = scheme = path = authority = protocol = None
     regular: Headers = []
     for item in headers:
         name = item[0]
@@ -190,6 +213,10 @@ def parse_request_headers(headers: Headers) -> tuple[bytes, bytes, bytes | None,
                 if authority is not None:
                     raise Malformed("repeated :authority")
                 authority = value
+            elif name == b":protocol":
+                if protocol is not None:
+                    raise Malformed("repeated :protocol")
+                protocol = value
             else:
                 raise Malformed(f"unknown pseudo-header {name[:40]!r}")
         else:
@@ -198,7 +225,9 @@ def parse_request_headers(headers: Headers) -> tuple[bytes, bytes, bytes | None,
         raise Malformed("no :method")
     if _METHOD_RE.fullmatch(method) is None:
         raise Malformed(f"invalid :method {method[:40]!r}")
-    if method == b"CONNECT":
+    if protocol is not None and method != b"CONNECT":
+        raise Malformed(":protocol without CONNECT")
+    if method == b"CONNECT" and protocol is None:
         if scheme is not None or path is not None:
             raise Malformed("CONNECT with :scheme or :path")
         path = b""
@@ -211,9 +240,11 @@ def parse_request_headers(headers: Headers) -> tuple[bytes, bytes, bytes | None,
             raise Malformed("invalid :scheme")
     if authority is not None and (b"\r" in authority or b"\n" in authority or b"\x00" in authority):
         raise Malformed("CR, LF or NUL in :authority")
+    if protocol is not None and (not protocol or _METHOD_RE.fullmatch(protocol) is None):
+        raise Malformed(f"invalid :protocol {protocol[:40]!r}")
     if regular:
         _check_fields(regular)
-    return method, path, authority, regular
+    return method, path, authority, regular, protocol
 
 
 def check_trailers(headers: Headers) -> Headers:
@@ -487,6 +518,9 @@ class _Stream:
         "tail",
         "producer",
         "producer_paused",
+        "websocket",
+        "tunnel",
+        "early",
     )
 
     def __init__(self, session: H2Session, stream_id: int) -> None:
@@ -512,6 +546,11 @@ class _Stream:
         self.tail: bytes | None = None
         self.producer: IPushProducer | None = None
         self.producer_paused = False
+        # An extended CONNECT for a WebSocket (RFC 8441): the upstream's end of the tunnel
+        # once it switched protocols, and the DATA that came before (not acknowledged yet).
+        self.websocket = False
+        self.tunnel: TunnelEnd | None = None
+        self.early: list[bytes] | None = None
 
     @property
     def request_producer(self) -> _Stream:
@@ -538,6 +577,10 @@ class _Stream:
         if self.closed:
             return
         self.response_started = True
+        if status == 101 and self.websocket:
+            # RFC 8441 section 5: the tunnel opens with a 2xx, and there is no accept key.
+            status = 200
+            headers = [item for item in headers if item[0] != b"sec-websocket-accept"]
         fields = [(b":status", _status(status))]
         fields.extend([item for item in headers if item[0] not in _NOT_SENT])
         # Held until the body, the end or flush(): a response without a body is then one
@@ -620,7 +663,35 @@ class _Stream:
                 producer.resumeProducing()
 
     def start_tunnel(self, upstream: TunnelEnd) -> TunnelEnd:
-        raise RuntimeError("protocol switches are not relayed over HTTP/2")
+        """The upstream switched to WebSocket: this stream's DATA becomes the raw bytes both ways."""
+        if not self.websocket:
+            raise RuntimeError("protocol switches are relayed over HTTP/2 only for an extended CONNECT")
+        end = _StreamTunnelEnd(self)
+        if self.closed:
+            upstream.close()
+            return end
+        self.tunnel = upstream
+        # Upstream bytes wait while the client's windows are full (or it does not read).
+        self.producer = TunnelPauser(upstream)
+        if self.session.write_blocked:
+            self._pause_producer()
+        # Client DATA is acknowledged only while the upstream's transport takes it.
+        upstream.register_producer(self)
+        self.flush()  # the 200 HEADERS, without END_STREAM
+        early, self.early = self.early, None
+        if early:
+            for chunk in early:
+                upstream.write(chunk)
+        if self.closed:
+            return end
+        if self.request_done:
+            # The client ended its side before the upstream switched: nothing will follow.
+            self.tunnel = None
+            upstream.close()
+            self.send_end(None)
+        elif not self.request_paused:
+            self.resumeProducing()  # acknowledge what was held while we waited
+        return end
 
     # -- internals ---------------------------------------------------------------------
 
@@ -708,6 +779,34 @@ class _Stream:
         self.session.stream_done(self)
 
 
+class _StreamTunnelEnd:
+    """The client's end of a WebSocket tunnel over one HTTP/2 stream (RFC 8441)."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: _Stream) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        stream = self.stream
+        if not stream.closed:
+            stream.send_data(data)
+            stream.flush()
+
+    def close(self) -> None:
+        """The upstream closed: END_STREAM once the held DATA is out."""
+        stream = self.stream
+        stream.tunnel = None
+        if not stream.closed:
+            stream.send_end(None)
+
+    def pause(self) -> None:
+        self.stream.pauseProducing()
+
+    def resume(self) -> None:
+        self.stream.resumeProducing()
+
+
 # -- the connection ----------------------------------------------------------------------
 
 
@@ -789,6 +888,7 @@ class H2Session:
                 SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
                 SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 SettingCodes.ENABLE_PUSH: 0,
+                SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # WebSocket over HTTP/2 (RFC 8441)
             },
         )
         h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
@@ -896,28 +996,47 @@ class H2Session:
     def _on_request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
         try:
-            method, path, authority, fields = parse_request_headers(event.headers)
+            method, path, authority, fields, protocol = parse_extended_request(event.headers)
         except Malformed as error:
             self._malformed(stream_id, str(error))
             return
         stream = _Stream(self, stream_id)
-        head = RequestHead(method, path, b"2", fields, authority)
+        body_expected = event.stream_ended is None
+        websocket = protocol is not None and protocol.lower() == b"websocket"
+        if websocket:
+            # A WebSocket (RFC 8441): for the pipeline, an HTTP/1.1-style GET Upgrade.
+            head = RequestHead(b"GET", path, b"2", fields, authority, protocol=b"websocket")
+            stream.websocket = True
+        else:
+            head = RequestHead(method, path, b"2", fields, authority)
         stream.head = head
-        stream.body_expected = body_expected = event.stream_ended is None
+        stream.body_expected = body_expected and not websocket
         stream.request_done = not body_expected
         self.streams[stream_id] = stream
         self.deadline.clear()
         expect_continue = False
         try:
-            if method == b"CONNECT":
+            if method == b"CONNECT" and not websocket:
+                if protocol is not None:
+                    raise HttpError(501, "unsupported extended CONNECT :protocol")
                 raise HttpError(405, "CONNECT is not supported")
+            if websocket and not body_expected:
+                raise HttpError(400, "WebSocket CONNECT with END_STREAM")
             content_length = check_request_head(head, http1=False)
+            if websocket:
+                if content_length is not None:
+                    raise HttpError(400, "content-length on a WebSocket CONNECT")
+                # An HTTP/2 client sends no key; the HTTP/1.1 upstream needs one.
+                key = base64.b64encode(os.urandom(16))
+                head.headers = fields = [item for item in fields if item[0] != b"sec-websocket-key"]
+                fields.append((b"sec-websocket-key", key))
+                body_expected = False
             for name, value in fields:
                 if name == b"expect":
                     # As for HTTP/1.1: answered here (100 below), never forwarded.
                     if value.lower() != b"100-continue":
                         raise HttpError(417, "unsupported expectation")
-                    expect_continue = body_expected
+                    expect_continue = body_expected and not websocket
                     head.headers = fields = [item for item in fields if item[0] != b"expect"]
                     break
         except HttpError as error:
@@ -954,6 +1073,9 @@ class H2Session:
             if flow:
                 self.acknowledge(flow, stream_id)
             return
+        if stream.websocket:
+            self._on_tunnel_data(stream, event)
+            return
         data = event.data
         if data:
             stream.received += len(data)
@@ -975,6 +1097,31 @@ class H2Session:
             else:
                 self.acknowledge(flow, stream_id)
 
+    def _on_tunnel_data(self, stream: _Stream, event: DataReceived) -> None:
+        """DATA on a WebSocket stream: raw bytes for the upstream, acknowledged as it takes them."""
+        data = event.data
+        hold = False
+        if data:
+            tunnel = stream.tunnel
+            if tunnel is not None:
+                tunnel.write(data)
+                hold = stream.request_paused
+            elif not stream.response_started:
+                # Sent before the upstream switched protocols: held (and not acknowledged).
+                if stream.early is None:
+                    stream.early = []
+                stream.early.append(data)
+                hold = True
+        elif not event.stream_ended and not self.control.take(self.reactor.seconds()):
+            self._calm("empty DATA frames")
+            return
+        flow = event.flow_controlled_length
+        if flow:
+            if hold and not stream.closed:
+                stream.unacked += flow
+            else:
+                self.acknowledge(flow, stream.stream_id)
+
     def _on_trailers(self, event: TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is None:
@@ -989,6 +1136,14 @@ class H2Session:
         if stream is None or stream.request_done:
             return
         stream.request_done = True
+        if stream.websocket:
+            if stream.tunnel is not None:
+                # The client closed its side of the tunnel: close the upstream, end ours.
+                stream.tunnel = None
+                if stream.exchange is not None:
+                    stream.exchange.client_gone()
+                stream.send_end(None)
+            return
         if stream.content_length is not None and stream.received != stream.content_length:
             self._stream_error(stream, "content-length does not match the DATA")
             return
@@ -1127,6 +1282,7 @@ class H2Session:
         stream.pending = None
         stream.tail = stream.head_fields = None
         stream.producer = None
+        stream.early = None
         self._release_window(stream)
 
     def _release_window(self, stream: _Stream) -> None:
