@@ -41,8 +41,9 @@ class RequestHead:
     version: bytes  # b"1.0", b"1.1", b"2", b"3"
     headers: Headers
     authority: bytes | None = None
-    #: HTTP/2 extended CONNECT (RFC 8441): the ``:protocol`` to relay as an HTTP/1.1
-    #: Upgrade (``b"websocket"``); None for every other request.
+    #: The protocol switch the client asks for, set by the front end: the HTTP/1.1
+    #: ``Upgrade`` value or the HTTP/2 extended CONNECT ``:protocol`` (RFC 8441); relayed
+    #: upstream as an HTTP/1.1 Upgrade. None for every other request (and never ``h2c``).
     protocol: bytes | None = None
 
 

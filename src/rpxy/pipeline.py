@@ -90,8 +90,8 @@ class Pipeline:
             return self._local(404, conn, head, sink, host=host)
         prefix, route = match
 
-        # HTTP/1.1 asks with Upgrade; HTTP/2 with an extended CONNECT (RFC 8441 ``:protocol``).
-        upgrade = requested_upgrade(head.headers) if head.version == b"1.1" else head.protocol
+        # Set by the front end: HTTP/1.1 Upgrade or HTTP/2 extended CONNECT (RFC 8441 ``:protocol``).
+        upgrade = head.protocol
         if fallback and not route.set_upstream_host:
             upstream_host: bytes | None = app.server_name_bytes
         else:

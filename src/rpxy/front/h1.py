@@ -517,7 +517,9 @@ class H1Connection(Protocol):
         cycle.keep_alive = parser.should_keep_alive()
         cycle.is_head = method == b"HEAD"
         if parser.should_upgrade():
-            if version == b"1.1" and requested_upgrade(headers) is not None:
+            token = requested_upgrade(headers) if version == b"1.1" else None
+            if token is not None:
+                head.protocol = token  # the pipeline relays it; it never rescans the headers
                 cycle.upgrade = True
                 cycle.close_after = True  # unless the upstream switches protocols
             else:
