@@ -290,7 +290,11 @@ class ProxyExchange:
             # Hold the client's body until the upstream connection exists.
             self.paused_client = True
             self.sink.request_producer.pauseProducing()
-        self.pool.acquire(self._connected, self._connect_failed, fresh=fresh)
+        if self.http2:
+            self.pool.acquire(self._connected, self._connect_failed, fresh=fresh)
+        else:
+            retryable = not self.body_expected and self.head.method in _SAFE_METHODS
+            self.pool.acquire(self._connected, self._connect_failed, fresh=fresh, probe=not retryable)
 
     def _connected(self, upstream: UpstreamConnection | H2UpstreamStream) -> None:
         if self.finished:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from rpxy.config.model import UpstreamConfig
@@ -9,13 +12,22 @@ from rpxy.upstream.pool import UpstreamPool
 
 
 class FakeTransport:
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket | None = None) -> None:
         self.connected = True
+        self.socket = sock
+
+
+class FakeTLSTransport:
+    """What wrapClientTLS gives: a protocol whose own ``transport`` owns the socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.connected = True
+        self.transport = FakeTransport(sock)
 
 
 class FakeConnection:
-    def __init__(self) -> None:
-        self.transport = FakeTransport()
+    def __init__(self, transport=None) -> None:
+        self.transport = transport or FakeTransport()
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
@@ -101,3 +113,69 @@ def test_close_closes_idle_connections_and_stops_sweeping() -> None:
     late = FakeConnection()
     pool.release(late)  # an exchange finishing after shutdown
     assert late.closed
+
+
+@pytest.fixture
+def socket_pair():
+    ours, theirs = socket.socketpair()
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_probe_skips_a_connection_the_upstream_closed_unnoticed(socket_pair) -> None:
+    # The upstream's FIN is in the kernel but the reactor has not read it yet: a POST must
+    # not be sent there (it could not be retried), a GET may (its failure is retried).
+    ours, theirs = socket_pair
+    pool, reactor = make_pool()
+    closed = FakeConnection(FakeTransport(ours))
+    theirs.close()
+    pool.release(closed)
+    got = []
+    pool.acquire(got.append, got.append, probe=True)
+    assert got == [] and closed.closed
+    assert len(reactor.tcpClients) == 1
+
+
+def test_probe_keeps_a_quiet_live_connection(socket_pair) -> None:
+    ours, _ = socket_pair
+    pool, reactor = make_pool()
+    alive = FakeConnection(FakeTransport(ours))
+    pool.release(alive)
+    got = []
+    pool.acquire(got.append, got.append, probe=True)
+    assert got == [alive] and not alive.closed and not reactor.tcpClients
+
+
+def test_probe_drops_a_cleartext_connection_with_unasked_bytes(socket_pair) -> None:
+    ours, theirs = socket_pair
+    pool, _ = make_pool()
+    chatty = FakeConnection(FakeTransport(ours))
+    theirs.sendall(b"HTTP/1.1 200 OK\r\n")
+    pool.release(chatty)
+    got = []
+    pool.acquire(got.append, got.append, probe=True)
+    assert got == [] and chatty.closed
+
+
+def test_probe_under_tls_keeps_a_connection_with_pending_records(socket_pair) -> None:
+    # A TLS 1.3 upstream may send session tickets after the handshake: not a sign of death.
+    ours, theirs = socket_pair
+    pool, _ = make_pool()
+    tls = FakeConnection(FakeTLSTransport(ours))
+    theirs.sendall(b"\x17\x03\x03\x00\x10")
+    pool.release(tls)
+    got = []
+    pool.acquire(got.append, got.append, probe=True)
+    assert got == [tls]
+
+
+def test_probe_under_tls_notices_eof(socket_pair) -> None:
+    ours, theirs = socket_pair
+    pool, _ = make_pool()
+    tls = FakeConnection(FakeTLSTransport(ours))
+    theirs.close()
+    pool.release(tls)
+    got = []
+    pool.acquire(got.append, got.append, probe=True)
+    assert got == [] and tls.closed

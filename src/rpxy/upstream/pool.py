@@ -9,7 +9,9 @@ returned connection is closed.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 from typing import Callable
 
 from twisted.internet import ssl
@@ -51,6 +53,28 @@ def _endpoint(
     return endpoint
 
 
+def _still_open(connection: UpstreamConnection) -> bool:
+    """False when the upstream has closed (or reset) an idle connection.
+
+    On cleartext, bytes waiting on an idle connection also mean it is out of step (an
+    answer nobody asked for). Under TLS they may be a session ticket or a close_notify,
+    which the reactor will handle; only EOF is conclusive there.
+    """
+    transport, tls = connection.transport, False
+    while transport is not None and not isinstance(getattr(transport, "socket", None), socket.socket):
+        tls = True
+        transport = getattr(transport, "transport", None)
+    if transport is None:
+        return True
+    try:
+        data = transport.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True  # nothing to read: alive and quiet, as an idle connection should be
+    except OSError as error:
+        return error.errno == errno.EINTR
+    return bool(data) and tls
+
+
 class _ConnectionFactory(Factory):
     noisy = False
     def __init__(self, pool: UpstreamPool) -> None:
@@ -88,12 +112,22 @@ class UpstreamPool:
         on_error: Callable[[Failure], None],
         *,
         fresh: bool = False,
+        probe: bool = False,
     ) -> None:
-        """Hand a connection to ``on_ready`` (reused when possible) or a failure to ``on_error``."""
+        """Hand a connection to ``on_ready`` (reused when possible) or a failure to ``on_error``.
+
+        ``probe`` is for requests that cannot be retried if a pooled connection turns out
+        to be dead (a POST, a request with a body): the socket is checked without blocking
+        first, so an upstream's close that the reactor has not processed yet is noticed
+        here instead of costing the client a 502. Retryable requests skip the syscall.
+        """
         idle = self._idle
         while idle and not fresh:
             connection = idle.pop()
             if connection.transport is not None and connection.transport.connected:
+                if probe and not _still_open(connection):
+                    connection.close()
+                    continue
                 connection.reused = True
                 on_ready(connection)
                 return
