@@ -6,6 +6,7 @@ A threaded misbehaving upstream (tests/support/bad_upstream.py) picks its fault 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 
@@ -222,3 +223,20 @@ def test_client_leaving_aborts_the_upstream_request(upstream, tmp_path):
     finally:
         proxy.stop()
     assert_no_tracebacks(proxy.system_log())
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="ss (iproute2) is required to read socket timers")
+def test_pooled_upstream_connections_have_tcp_keepalive(proxy, upstream):
+    # rpxy's upstream TCP keepalive (20 s): a silently dead upstream is noticed even when idle.
+    with RawConnection(proxy.port) as conn:
+        conn.send(request("GET", "/ok?keepalive"))
+        assert conn.read_response().status == 200
+    listing = subprocess.run(
+        ["ss", "-tnoH", "state", "established", "dst", f"127.0.0.1:{upstream.port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = [line for line in listing.splitlines() if f"127.0.0.1:{upstream.port}" in line]
+    assert lines, listing
+    assert all("timer:(keepalive," in line for line in lines), listing

@@ -10,10 +10,11 @@ import pytest
 from h2.events import RemoteSettingsChanged
 from h2.settings import SettingCodes
 
-from tests.integration.conftest import Rpxy
+from tests.integration.conftest import Rpxy, free_port, wait_for_port
 from tests.support.bad_upstream import BadUpstream
 from tests.support.h2client import H2Client
 from tests.support.rawhttp import assert_no_tracebacks
+from tests.support.tlsgen import Authority
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +174,46 @@ def test_plain_connect_is_405_and_other_protocols_501(proxy):
         ok = client.request("/bad/ok")
         assert client.wait_response(ok)
         assert client.status(ok) == 200
+
+
+def test_websocket_over_h2_on_the_tls_port(bad, tmp_path):
+    # The same tunnel when h2 is chosen by ALPN on the TLS port (browsers only do RFC 8441 there).
+    authority = Authority("wsh2 tls CA")
+    cert, key = authority.issue("localhost").write(tmp_path, "localhost")
+    ca_file = authority.write_cert(tmp_path / "ca.pem")
+    tls_port = free_port()
+    config = f"""
+listen_port = {{port}}
+listen_port_tls = {tls_port}
+listen_address_v4 = "127.0.0.1"
+[apps.app]
+server_name = "localhost"
+tls = {{ tls_cert_path = "{cert}", tls_cert_key_path = "{key}", https_redirection = false }}
+[[apps.app.reverse_proxy]]
+upstream = [{{ location = "{bad.location}" }}]
+"""
+    directory = tmp_path / "proxy"
+    directory.mkdir()
+    proxy = Rpxy(directory, config)
+    try:
+        wait_for_port(tls_port)
+        with H2Client(tls_port, ca_file=ca_file) as client:
+            assert client.read_until(lambda c: c.of(RemoteSettingsChanged))
+            settings = client.of(RemoteSettingsChanged)[0].changed_settings
+            assert settings[SettingCodes.ENABLE_CONNECT_PROTOCOL].new_value == 1
+            stream_id = open_websocket(client, "/ws?over-tls")
+            assert client.read_until(lambda c: c.status(stream_id) is not None)
+            assert client.status(stream_id) == 200
+            client.send_body(stream_id, ws_frame(1, b"hello over TLS"), end=False)
+            expected = server_frame(1, b"hello over TLS")
+            assert client.read_until(lambda c: len(c.body(stream_id)) >= len(expected))
+            assert client.body(stream_id) == expected
+            client.send_body(stream_id, ws_frame(8, b"\x03\xe8"), end=False)
+            expected += server_frame(8, b"\x03\xe8")
+            assert client.read_until(lambda c: c.ended(stream_id))
+            assert client.body(stream_id) == expected
+        forwarded = {name.lower(): value for name, value in bad.wait_for_request("/ws?over-tls").headers}
+        assert forwarded["x-forwarded-proto"] == "https"
+    finally:
+        proxy.stop()
+    assert_no_tracebacks(proxy.system_log())

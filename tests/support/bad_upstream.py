@@ -210,7 +210,7 @@ class BadUpstream:
                 while collector.done:
                     request = collector.done.pop(0)
                     served += 1
-                    if request.upgrade and request.path == "/ws":
+                    if request.upgrade and request.path.split("?")[0] == "/ws":
                         self._websocket(sock, request, rest)
                         return
                     if not self._answer(sock, request, served):

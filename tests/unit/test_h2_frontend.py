@@ -881,13 +881,51 @@ def test_bad_preface_after_alpn_gets_goaway():
     assert pipeline.exchanges == []
 
 
-def test_client_goaway_ends_the_connection(env):
+def test_client_goaway_with_an_error_ends_the_connection(env):
     client = Client(env)
     client.request("/a")
     exchange = client.pipeline.exchanges[0]
-    client.h2.close_connection()
+    client.h2.close_connection(ErrorCodes.INTERNAL_ERROR)
     client.pump()
     assert exchange.gone and closed(client.transport)
+
+
+def goaway_frame(code: int = 0) -> bytes:
+    frame = GoAwayFrame(0)
+    frame.last_stream_id = 0
+    frame.error_code = code
+    return frame.serialize()
+
+
+def test_client_graceful_goaway_lets_open_streams_finish(env):
+    # RFC 9113 §6.8: GOAWAY(NO_ERROR) from a client stops new streams, not its open ones.
+    client = Client(env)
+    first = client.request("/a")
+    second = client.request("/b", method="POST", end=False)
+    one, two = client.pipeline.exchanges
+    client.send_raw(goaway_frame())
+    assert not one.gone and not two.gone and not closed(client.transport)
+    one.respond(200, b"first")
+    client.pump()
+    assert client.response(first)[1:] == (b"first", True)
+    assert not closed(client.transport)
+    client.h2.send_data(second, b"body", end_stream=True)
+    client.pump()
+    assert b"".join(two.body) == b"body" and two.ended
+    two.respond(201, b"second")
+    client.pump()
+    assert client.response(second)[1:] == (b"second", True)
+    assert closed(client.transport)
+    assert client.goaway() == ErrorCodes.NO_ERROR
+
+
+def test_client_graceful_goaway_on_an_idle_connection_closes_it(env):
+    client = Client(env)
+    client.request("/a")
+    client.pipeline.exchanges[0].respond(200, b"x")
+    client.pump()
+    client.send_raw(goaway_frame())
+    assert closed(client.transport)
 
 
 # -- timers ------------------------------------------------------------------------------------------

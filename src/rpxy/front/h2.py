@@ -85,7 +85,7 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.table import HeaderTable
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -456,6 +456,19 @@ class _ServerConnection(H2Connection):
             return [StreamMalformed(stream_id, str(error))]
         self._prepare_for_sending(frames)
         return events
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame):  # type: ignore[no-untyped-def]
+        # A client's GOAWAY(NO_ERROR) only says it opens no more streams (RFC 9113 §6.8):
+        # the streams it already opened still get their answers. h2 would close the
+        # connection state machine (and drop queued output), so a graceful one is reported
+        # without touching the state; the session closes once the last stream is done.
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
     def _stream_scoped(self, frame, error: ProtocolError) -> bool:  # type: ignore[no-untyped-def]
         if type(error) not in (ProtocolError, InvalidBodyLengthError):
@@ -861,6 +874,8 @@ class H2Session:
         self.blocked_control = 0
         self.in_receive = False
         self.closing = False
+        #: the client sent GOAWAY(NO_ERROR): finish its open streams, then close
+        self.peer_done = False
         self.deadline = LazyDeadline(self.reactor, self._deadline_passed)
         self.close_call = None
         # On plain TCP, output is written once per reactor iteration: responses relayed in
@@ -1182,11 +1197,14 @@ class H2Session:
             self._calm("flood of unknown frames")
 
     def _on_goaway(self, event: ConnectionTerminated) -> None:
-        # h2 cannot send on a connection that received GOAWAY: what is in flight ends here.
-        if event.error_code not in (ErrorCodes.NO_ERROR, 0):
-            log.info(
-                "HTTP/2 client {peer} sent GOAWAY({code})", peer=self.conn.peer_ip, code=str(event.error_code)
-            )
+        if event.error_code == ErrorCodes.NO_ERROR:
+            self.peer_done = True
+            if self.streams:
+                return  # answered first; _maybe_idle closes after the last one
+            self._close(ErrorCodes.NO_ERROR)
+            return
+        # An error: h2 can no longer send on this connection, what is in flight ends here.
+        log.info("HTTP/2 client {peer} sent GOAWAY({code})", peer=self.conn.peer_ip, code=str(event.error_code))
         self._close(None)
 
     def _on_malformed(self, event: StreamMalformed) -> None:
@@ -1342,7 +1360,10 @@ class H2Session:
 
     def _maybe_idle(self) -> None:
         if not self.streams and not self.closing:
-            self.deadline.set_after(IDLE_TIMEOUT)
+            if self.peer_done:
+                self._close(ErrorCodes.NO_ERROR)
+            else:
+                self.deadline.set_after(IDLE_TIMEOUT)
 
     def _write(self) -> None:
         data = self.h2.data_to_send()

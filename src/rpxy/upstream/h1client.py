@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from rpxy.message import Headers
 from rpxy.deadline import LazyDeadline
-from rpxy.netio import write_now
+from rpxy.netio import enable_keepalive, write_now
 
 if TYPE_CHECKING:
     from rpxy.upstream.pool import UpstreamPool
@@ -89,6 +89,7 @@ class UpstreamConnection(Protocol):
                 set_nodelay(True)
             except OSError:
                 pass
+        enable_keepalive(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         handler = self.handler

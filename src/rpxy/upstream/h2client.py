@@ -42,14 +42,15 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rpxy.deadline import LazyDeadline
 from rpxy.message import Headers
-from rpxy.netio import write_now
+from rpxy.netio import enable_keepalive, write_now
 from rpxy.upstream.pool import _endpoint
 
 if TYPE_CHECKING:
@@ -281,6 +282,7 @@ class H2UpstreamStream:
             handler.upstream_flush()
 
 
+@implementer(IHandshakeListener)
 class H2ClientConnection(Protocol):
     """One HTTP/2 client connection to an upstream, multiplexing :class:`H2UpstreamStream` s."""
 
@@ -336,11 +338,25 @@ class H2ClientConnection(Protocol):
                 set_nodelay(True)
             except OSError:
                 pass
+        enable_keepalive(self.transport)
         h2 = self.h2
         h2.initiate_connection()
         window = min((MAX_STREAMS_PER_CONNECTION + 1) * STREAM_WINDOW, 2**31 - 1)
         h2.increment_flow_control_window(window - 65535)
         self.flush()
+
+    def handshakeCompleted(self) -> None:
+        """Over TLS: the upstream must have chosen ``h2`` by ALPN before it reads our frames.
+
+        An upstream that ignores ALPN (or picks ``http/1.1``) would read the HTTP/2 preface
+        as a broken HTTP/1.1 request; the operator gets a 502 and a line naming the cause.
+        """
+        negotiated = getattr(self.transport, "negotiatedProtocol", None)
+        if negotiated == b"h2":
+            return
+        chosen = negotiated.decode("ascii", "replace") if negotiated else "none"
+        self._fail_all(f"upstream did not agree to HTTP/2 over TLS (ALPN chose {chosen}); remove force_http2_upstream or enable h2 there")
+        self._drop()
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rpxy.config.model import UpstreamConfig
+from rpxy.netio import socket_below
 from rpxy.upstream.h1client import UpstreamConnection
 
 log = Logger()
@@ -60,14 +61,11 @@ def _still_open(connection: UpstreamConnection) -> bool:
     answer nobody asked for). Under TLS they may be a session ticket or a close_notify,
     which the reactor will handle; only EOF is conclusive there.
     """
-    transport, tls = connection.transport, False
-    while transport is not None and not isinstance(getattr(transport, "socket", None), socket.socket):
-        tls = True
-        transport = getattr(transport, "transport", None)
-    if transport is None:
+    sock, tls = socket_below(connection.transport)
+    if sock is None:
         return True
     try:
-        data = transport.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return True  # nothing to read: alive and quiet, as an idle connection should be
     except OSError as error:
