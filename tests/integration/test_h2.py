@@ -15,6 +15,7 @@ import time
 
 import pytest
 from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame
 
@@ -240,6 +241,24 @@ def test_concurrent_streams_on_one_h2c_connection(setup):
         assert client.read_until(lambda c: all(c.ended(i) for i in ids), timeout=10)
         assert time.monotonic() - started < 3  # served side by side, not one after the other
         assert all(client.status(i) == 200 and client.body(i) == b"slow" for i in ids)
+
+
+def test_responses_larger_than_a_small_client_window_complete(rpxy_factory, tmp_path):
+    # The whole upstream response arrives in one read and ends there, and only part of it
+    # fits the client's window: that part must leave at once (the client acknowledges only
+    # what it received), the rest on each WINDOW_UPDATE.
+    canned = CannedOrigin(b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"w" * 5000)
+    try:
+        setup = start(rpxy_factory, tmp_path, canned.location)
+        with H2Client(setup.tls_port, ca_file=setup.ca_file) as client:
+            client.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+            client.flush()  # SETTINGS before the HEADERS below: the server applies it first
+            streams = [client.request(f"/w{n}") for n in range(3)]
+            for stream_id in streams:
+                assert client.wait_response(stream_id, timeout=10), f"stream {stream_id} stalled"
+                assert (client.status(stream_id), client.body(stream_id)) == (200, b"w" * 5000)
+    finally:
+        canned.stop()
 
 
 def test_access_log_says_http2(setup):

@@ -969,3 +969,47 @@ def test_linger_after_goaway_then_abort(env):
     assert client.transport.disconnecting
     client.clock.advance(h2front.CLOSE_LINGER)
     assert client.transport.disconnected or client.transport.disconnecting
+
+
+# -- the direct send path (HEADERS + DATA without h2's generic send) ------------------------------
+
+
+def test_a_small_response_is_one_headers_and_one_data_frame_with_h2_state_kept(env):
+    client = Client(env)
+    stream_id = client.request("/fast")
+    server_h2 = client.session.h2
+    window_before = server_h2.outbound_flow_control_window
+    exchange = client.pipeline.exchanges[0]
+    before = len(client.raw)
+    exchange.respond(200, b"x" * 1000, headers=[(b"content-type", b"text/plain")])
+    client.pump()
+    frames = [f for f in parse_frames(client.raw[before:]) if getattr(f, "stream_id", 0) == stream_id]
+    assert [type(f).__name__ for f in frames] == ["HeadersFrame", "DataFrame"]
+    assert frames[0].flags == {"END_HEADERS"} and frames[1].flags == {"END_STREAM"}
+    headers, body, ended = client.response(stream_id)
+    assert headers[b":status"] == b"200" and headers[b"content-type"] == b"text/plain"
+    assert (body, ended) == (b"x" * 1000, True)
+    # h2's own view is what its send path would have left: stream closed, windows charged.
+    assert server_h2.streams[stream_id].closed
+    assert server_h2.outbound_flow_control_window == window_before - 1000
+    # and the connection goes on: the next response on the same connection
+    second = client.request("/again")
+    client.pipeline.exchanges[1].respond(204, b"")
+    client.pump()
+    assert client.response(second)[0][b":status"] == b"204" and client.response(second)[2]
+
+
+def test_a_body_beyond_the_stream_window_falls_back_to_split_frames(env):
+    client = Client(env, window=1000)
+    stream_id = client.request("/big")
+    exchange = client.pipeline.exchanges[0]
+    exchange.respond(200, b"y" * 2500)
+    client.pump()
+    headers, body, ended = client.response(stream_id)
+    assert body == b"y" * 1000 and not ended  # the window is the limit, the rest is held
+    client.h2.acknowledge_received_data(1000, stream_id)
+    client.pump()
+    client.h2.acknowledge_received_data(1000, stream_id)
+    client.pump()
+    _, body, ended = client.response(stream_id)
+    assert (body, ended) == (b"y" * 2500, True)

@@ -52,6 +52,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import struct
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -80,7 +81,7 @@ from h2.exceptions import (
 )
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
-from h2.stream import StreamClosedBy
+from h2.stream import StreamClosedBy, StreamInputs, StreamState
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
@@ -403,6 +404,13 @@ class _HeaderBlockBuffer(FrameBuffer):
         return super()._update_header_buffer(f)
 
 
+# A frame header (RFC 9113 section 4.1): 24-bit length, type, flags, 31-bit stream id.
+_FRAME_HEAD = struct.Struct(">BHBBL")
+_DATA, _HEADERS = 0x0, 0x1
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+_SENDING_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+
+
 class _ServerConnection(H2Connection):
     """``h2``'s connection, except for two rules it makes connection errors.
 
@@ -456,6 +464,84 @@ class _ServerConnection(H2Connection):
             return [StreamMalformed(stream_id, str(error))]
         self._prepare_for_sending(frames)
         return events
+
+    # -- the common sends, without h2's generic per-call machinery -----------------------
+    #
+    # h2 builds hyperframe objects, re-encodes header names, logs and re-checks the
+    # connection state on every send; for a response that is most of the HTTP/2 cost per
+    # request. These two cover the common case (a final response head that fits one
+    # HEADERS frame, DATA within the windows and the frame size) with the same stream
+    # state transitions and window accounting h2 makes, and return False for anything
+    # else, which then takes h2's own path (CONTINUATION, splitting, 1xx, closed streams).
+
+    def send_response(self, stream_id: int, fields: Headers, data: bytes, end_stream: bool) -> bool:
+        """HEADERS of a final response, then ``data`` (if any) as one DATA frame."""
+        if self.state_machine.state is not ConnectionState.SERVER_OPEN:
+            return False
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return False
+        machine = stream.state_machine
+        if machine.state not in _SENDING_STATES or machine.headers_sent or fields[0][1][:1] == b"1":
+            return False
+        size = len(data)
+        limit = self.max_outbound_frame_size
+        if size > limit or size > stream.outbound_flow_control_window or size > self.outbound_flow_control_window:
+            return False
+        encoder = self.encoder
+        size_update = encoder.size_update  # type: ignore[attr-defined]
+        block = encoder.encode(fields)
+        if len(block) > limit:
+            encoder.size_update = size_update  # type: ignore[attr-defined]
+            return False
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        length = len(block)
+        if not size:
+            flags = _END_HEADERS | _END_STREAM if end_stream else _END_HEADERS
+            if end_stream:
+                machine.process_input(StreamInputs.SEND_END_STREAM)
+            self._data_to_send += _FRAME_HEAD.pack(length >> 16, length & 0xFFFF, _HEADERS, flags, stream_id) + block
+            return True
+        machine.process_input(StreamInputs.SEND_DATA)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        self._data_to_send += b"".join(
+            (
+                _FRAME_HEAD.pack(length >> 16, length & 0xFFFF, _HEADERS, _END_HEADERS, stream_id),
+                block,
+                _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, _DATA, _END_STREAM if end_stream else 0, stream_id),
+                data,
+            )
+        )
+        return True
+
+    def send_body(self, stream_id: int, data: bytes, end_stream: bool) -> bool:
+        """One DATA frame (non-empty, within the windows and the frame size)."""
+        if self.state_machine.state is not ConnectionState.SERVER_OPEN:
+            return False
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return False
+        machine = stream.state_machine
+        size = len(data)
+        if (
+            machine.state not in _SENDING_STATES
+            or not size
+            or size > self.max_outbound_frame_size
+            or size > stream.outbound_flow_control_window
+            or size > self.outbound_flow_control_window
+        ):
+            return False
+        machine.process_input(StreamInputs.SEND_DATA)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        self._data_to_send += _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, _DATA, _END_STREAM if end_stream else 0, stream_id)
+        self._data_to_send += data
+        return True
 
     def _receive_goaway_frame(self, frame: GoAwayFrame):  # type: ignore[no-untyped-def]
         # A client's GOAWAY(NO_ERROR) only says it opens no more streams (RFC 9113 §6.8):
@@ -655,6 +741,9 @@ class _Stream:
                 return
         self.end_pending = True
         self.end_trailers = trailers
+        # What the windows let through must leave now: no flush() follows an upstream's end,
+        # and the client sends no WINDOW_UPDATE for bytes it never received.
+        self.session.write_soon()
 
     def abort(self) -> None:
         if not self.closed:
@@ -712,11 +801,17 @@ class _Stream:
         fields = self.head_fields
         if fields is not None:
             self.head_fields = None
-            self.session.h2.send_headers(self.stream_id, fields)
+            h2 = self.session.h2
+            if not h2.send_response(self.stream_id, fields, b"", False):
+                h2.send_headers(self.stream_id, fields)
 
     def _send(self, data: bytes, end: bool = False) -> bool:
         """Hand ``data`` (and END_STREAM) to h2 as far as the windows allow; True if all went."""
         session = self.session
+        head = self.head_fields
+        if head is not None and not session.write_blocked and session.h2.send_response(self.stream_id, head, data, end):
+            self.head_fields = None
+            return True
         try:
             self._send_head()
             if session.write_blocked:
@@ -779,7 +874,8 @@ class _Stream:
             head = self.head_fields
             if head is not None:
                 self.head_fields = None
-                h2.send_headers(self.stream_id, head, end_stream=not fields)
+                if not h2.send_response(self.stream_id, head, b"", not fields):
+                    h2.send_headers(self.stream_id, head, end_stream=not fields)
                 if fields:
                     h2.send_headers(self.stream_id, fields, end_stream=True)
             elif fields:
@@ -1231,6 +1327,8 @@ class H2Session:
         With ``end_stream``, the last frame carries END_STREAM if all of ``data`` went.
         """
         h2 = self.h2
+        if h2.send_body(stream_id, data, end_stream):
+            return b""
         window = h2.local_flow_control_window(stream_id)
         size = len(data)
         frame = h2.max_outbound_frame_size
