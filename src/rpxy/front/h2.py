@@ -82,7 +82,8 @@ from h2.exceptions import (
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
 from h2.stream import StreamClosedBy, StreamInputs, StreamState
-from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hpack import Decoder
+from hpack.exceptions import HPACKDecodingError, HPACKError, InvalidTableIndex, OversizedHeaderListError
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.table import HeaderTable
@@ -369,6 +370,65 @@ class _ResponseEncoder:
         if len(coded) < len(data):
             return _hpack_integer(len(coded), 7, 0x80) + coded
         return _hpack_integer(len(data), 7, 0x00) + data
+
+
+class _RequestDecoder(Decoder):
+    """hpack's decoder with the indexed representation decoded inline.
+
+    Once a client's dynamic table is warm, most fields of most requests are one-byte
+    table references; hpack spends a method call, a memoryview slice, an integer decoder
+    and a tuple copy on each. Here they are a table lookup; every other representation
+    (literals, table size updates, multi-byte indexes) goes to hpack's own code, and the
+    header list size cap (the HPACK bomb guard) is applied to every field as before.
+    Fields come back as plain ``(name, value)`` byte tuples.
+    """
+
+    def decode(self, data: bytes, raw: bool = False):  # type: ignore[no-untyped-def,override]
+        if not raw:
+            return super().decode(data, raw)
+        headers: list[tuple[bytes, bytes]] = []
+        append = headers.append
+        static = HeaderTable.STATIC_TABLE
+        static_length = HeaderTable.STATIC_TABLE_LENGTH
+        dynamic = self.header_table.dynamic_entries
+        limit = self.max_header_list_size
+        inflated = 0
+        position = 0
+        end = len(data)
+        view = memoryview(data)
+        while position < end:
+            first = data[position]
+            if first & 0x80 and first != 0xFF:
+                index = (first & 0x7F) - 1
+                if index < 0:
+                    raise InvalidTableIndex("Invalid table index 0")
+                if index < static_length:
+                    header = static[index]
+                else:
+                    index -= static_length
+                    if index >= len(dynamic):
+                        raise InvalidTableIndex(f"Invalid table index {first & 0x7F}")
+                    header = dynamic[index]
+                consumed = 1
+            elif first & 0x80:
+                header, consumed = self._decode_indexed(view[position:])
+            elif first & 0x40:
+                header, consumed = self._decode_literal_index(view[position:])
+            elif first & 0x20:
+                if headers:
+                    raise HPACKDecodingError("Table size update not at the start of the block")
+                consumed = self._update_encoding_context(view[position:])
+                position += consumed
+                continue
+            else:
+                header, consumed = self._decode_literal_no_index(view[position:])
+            append(header)
+            inflated += 32 + len(header[0]) + len(header[1])
+            if inflated > limit:
+                raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
+            position += consumed
+        self._assert_valid_table_size()
+        return headers
 
 
 # -- the h2 connection, with stream-scoped errors kept stream-scoped --------------------
@@ -1002,6 +1062,7 @@ class H2Session:
                 SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # WebSocket over HTTP/2 (RFC 8441)
             },
         )
+        h2.decoder = _RequestDecoder()
         h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
         h2.encoder = _ResponseEncoder()  # type: ignore[assignment]
         self.h2 = h2
