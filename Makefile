@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # proxy needs, so it gets its own virtualenv inside .venv.
 SSLYZE := $(VENV)/sslyze/bin/sslyze
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo bench fuzz venv clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,17 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
+## Fuzz every harness in fuzz/ for FUZZ_SECONDS each (default 60); crashes land in fuzz/crashes/.
+FUZZ_SECONDS ?= 60
+FUZZ_HARNESSES := h1_request upstream_response h2_request paths config
+fuzz: $(STAMP)
+	@mkdir -p fuzz/crashes
+	@for h in $(FUZZ_HARNESSES); do \
+	  mkdir -p .fuzz-corpus/$$h; \
+	  echo "== $$h ($(FUZZ_SECONDS) s)"; \
+	  $(PY) -m fuzz.$$h -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/$$h- \
+	    .fuzz-corpus/$$h fuzz/corpus/$$h 2>&1 | grep -E "INITED|Done|Uncaught|Error" || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .fuzz-corpus

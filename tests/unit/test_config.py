@@ -474,6 +474,17 @@ CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "tls cert path with NUL (found by fuzz/config)",
+        make(
+            ports="listen_port = 80\nlisten_port_tls = 443",
+            app='tls = { tls_cert_path = "/etc/c\\u0000.pem", tls_cert_key_path = "/etc/k.pem\\u0000" }',
+        ),
+        [
+            "apps.app1.tls.tls_cert_path: must not contain a NUL character",
+            "apps.app1.tls.tls_cert_key_path: must not contain a NUL character",
+        ],
+    ),
+    (
         "acme without experimental.acme",
         make(ports="listen_port = 80\nlisten_port_tls = 443", app="tls = { acme = true }"),
         ["apps.app1.tls.acme: requires an [experimental.acme] table"],

@@ -442,3 +442,15 @@ def test_declined_upgrade_on_http10_is_plain(env):
     )
     exchange = pipeline.exchanges[0]
     assert (b"".join(exchange.body), exchange.ended) == (b"abc", True)
+
+
+def test_a_request_pipelined_behind_a_closing_answer_never_reaches_the_pipeline(env):
+    # Found by fuzz/h1_request: the POST behind a 400 (Connection: close) was sent upstream
+    # although its client would never read the answer.
+    factory, pipeline, _clock = env
+    pipeline.answer = 400
+    protocol, transport = connect(factory)
+    protocol.dataReceived(GET + b"POST /b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n\r\nx")
+    assert [exchange.head.path for exchange in pipeline.exchanges] == [b"/x"]
+    assert closed(transport)
+    assert transport.value().count(b"HTTP/1.1 ") == 1

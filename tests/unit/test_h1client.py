@@ -164,8 +164,14 @@ def test_http10_response_is_not_pooled():
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * (70 * 1024) + b"\r\n\r\n",
+        b"HTTP/1.1 050 Odd\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 199 OK\r\nContent-Length: 2\r\n\r\nok",
     ],
-    ids=["garbage", "http09", "bad-status", "cl-and-te", "two-lengths", "negative-length", "bad-chunk", "huge-head"],
+    ids=[
+        "garbage", "http09", "bad-status", "cl-and-te", "two-lengths", "negative-length", "bad-chunk", "huge-head",
+        "status-below-100", "status-above-599", "body-in-interim",
+    ],
 )
 def test_malformed_responses_fail(response):
     connection, transport, pool = make()
@@ -173,6 +179,7 @@ def test_malformed_responses_fail(response):
     connection.dataReceived(response)
     assert "failed" in handler.kinds()
     assert "end" not in handler.kinds()
+    assert not [event for event in handler.events if event[0] == "data"]  # no body bytes relayed
     assert transport.disconnected  # aborted, never reused
     assert pool.released == []
 

@@ -373,6 +373,9 @@ class _Section:
 
     def readable_file(self, key: str, filename: str) -> bool:
         """Check now that ``filename`` can be opened, instead of failing at the first handshake."""
+        if "\x00" in filename:
+            self.error(key, "must not contain a NUL character")
+            return False
         try:
             with open(filename, "rb"):
                 pass

@@ -398,8 +398,11 @@ class H1Connection(Protocol):
             self.upgrade_buffer.append(data)
             self._pause(_PAUSE_UPGRADE)
             return
+        parser = self.parser
+        if parser is None:
+            return  # after malformed input nothing is parsed (the error answer is on its way)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._parser_upgrade(data[upgrade.args[0]:])
             return
@@ -572,6 +575,10 @@ class H1Connection(Protocol):
     # -- request dispatch and response ordering ----------------------------------
 
     def _dispatch(self, cycle: _Cycle) -> None:
+        if self.closing:
+            # A request pipelined behind an answer that closes the connection: the client
+            # will never read its response, so the upstream must never see it either.
+            return
         self.active = cycle
         head = cycle.head
         if cycle.error is not None:

@@ -240,6 +240,9 @@ class UpstreamConnection(Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            # httptools takes any three digits ("050"); RFC 9110 section 15 allows 100-599.
+            raise ValueError(f"invalid status code {status:03d}")
         self._status = status
         if 100 <= status < 200 and status != 101:
             return  # interim responses (100 Continue, 103) are not relayed
@@ -258,6 +261,10 @@ class UpstreamConnection(Protocol):
             raise _HeadResponseDone()
 
     def on_body(self, body: bytes) -> None:
+        if self._status < 200:
+            # An interim response has no body (RFC 9110 section 15.2); httptools frames one
+            # after e.g. "199" with a Content-Length, which must never reach the client.
+            raise ValueError(f"a body in an interim {self._status} response")
         handler = self.handler
         if handler is not None:
             handler.upstream_data(body)

@@ -1,0 +1,1 @@
+"""Fuzz harnesses (atheris/libFuzzer): ``make fuzz``, ``python -m fuzz.<harness> corpus/<harness>``."""
