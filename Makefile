@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # proxy needs, so it gets its own virtualenv inside .venv.
 SSLYZE := $(VENV)/sslyze/bin/sslyze
 
-.PHONY: test demo bench fuzz venv clean
+.PHONY: test demo bench fuzz soak venv clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ venv: $(STAMP)
 ## Run the whole test suite (unit + integration through the real rpxy process).
 test: $(STAMP) $(SSLYZE)
 	@command -v curl >/dev/null || { echo "curl is required: apt-get install -y curl"; exit 1; }
+	@# Debian's pebble (ACME test CA, with pebble-challtestsrv) for tests/integration/test_acme.py
+	@command -v pebble >/dev/null && command -v pebble-challtestsrv >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends pebble \
+	    || echo "pebble is missing (apt-get install pebble): the ACME integration tests will be skipped"; }
 	$(PY) -m pytest -q
 
 ## Start a demo origin and the proxy in front of it; prints the URLs to try.
@@ -32,6 +36,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+## Long runs of hostile traffic: 10 minutes of mixed h1/h2 load with reloads and upstream
+## restarts (SOAK_SECONDS), then slowloris for 60 s and slowhttptest -H/-B/-X.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(PY) -m tests.support.soak --seconds $(SOAK_SECONDS)
+	SLOW_CLIENT_SECONDS=60 $(PY) -m pytest -q tests/integration/test_slow_clients.py
 
 ## Fuzz every harness in fuzz/ for FUZZ_SECONDS each (default 60); crashes land in fuzz/crashes/.
 FUZZ_SECONDS ?= 60

@@ -13,6 +13,10 @@ process tree, its CPU use, and the ratio to nginx's req/s.
 ``openssl`` CLI; ``--h2c``: cleartext HTTP/2 with prior knowledge). The proxies still talk
 HTTP/1.1 to the origin.
 
+``--cache`` mode: cached responses. The origin's page is sent with ``Cache-Control:
+max-age=3600``, rpxy runs with ``[experimental.cache]`` and nginx with ``proxy_cache``; after a
+check that the second request is a hit, wrk measures hits served per second (HTTP/1.1).
+
 ``--big-download`` mode: a 1 GiB file is downloaded once through each target
 (default: rpxy only) with curl, then a 1 GiB body is uploaded through it to a
 small Python sink origin; the peak RSS of the proxy is compared to a limit
@@ -498,6 +502,8 @@ def proxy_command(
             **tls,
         )
         argv = [*shlex.split(env.args.rpxy_cmd), "--config", str(conf)]
+        if env.args.rpxy_workers > 1:
+            argv += ["--workers", str(env.args.rpxy_workers)]  # a supervisor + N workers (SO_REUSEPORT)
         if not env.args.rpxy_no_log_dir:
             log_dir = tmp / f"rpxy-logs-{tag}"
             log_dir.mkdir(exist_ok=True)
@@ -514,10 +520,30 @@ def start_proxy(
     p = env.procs.start(name, argv, env.log_path(f"{name}-{tag}"), cpu=env.proxy_cpu, env=env_vars)
     try:
         wait_ready(port, p, name, body_len, env.args.start_timeout)
+        if name == "rpxy" and getattr(env, "pin_workers", None):
+            pin_workers(p.pid, env.pin_workers, env.args.rpxy_workers, env.args.start_timeout)  # --scaling
     except BaseException:
         env.procs.stop(p)
         raise
     return p, port
+
+
+def pin_workers(supervisor: int, cpus: list[int], count: int, timeout: float) -> None:
+    """Pin rpxy's worker processes (children of ``supervisor``) one per core, in turn over ``cpus``
+    (``--scaling``: a deterministic placement, where the kernel's own varies from run to run)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = sorted(
+            pid for pid in session_pids(supervisor) if pid != supervisor and (_read_stat(pid) or ["", ""])[1] == str(supervisor)
+        )
+        if len(workers) >= count:
+            break
+        if time.monotonic() > deadline:
+            raise StartError(f"rpxy: {len(workers)} of {count} workers running")
+        time.sleep(0.05)
+    for i, pid in enumerate(workers):
+        os.sched_setaffinity(pid, {cpus[i % len(cpus)]})
+    log(f"rpxy workers pinned: {', '.join(f'pid {pid} -> core {cpus[i % len(cpus)]}' for i, pid in enumerate(workers))}")
 
 
 # --------------------------------------------------------------------------- HTTP/2 (--h2, --h2c)
@@ -731,6 +757,100 @@ def rpxy_available(args: argparse.Namespace) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- response cache (--cache)
+
+CACHE_TARGETS = ["rpxy", "nginx"]
+CACHE_ORIGIN_MAX_AGE = 3600
+
+
+def start_origin_nginx_cache(env: Env) -> tuple[subprocess.Popen, int]:
+    """The usual origin, but its page says ``Cache-Control: max-age=3600`` (both caches store it)."""
+    docroot = env.tmp / "docroot"
+    docroot.mkdir(exist_ok=True)
+    body = (b"<!doctype html><title>bench</title>\n" + b"x" * BODY_SIZE)[: BODY_SIZE - 1] + b"\n"
+    (docroot / "index.html").write_bytes(body)
+    for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (env.tmp / "origin-tmp" / d).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    old = "index index.html;\n"
+    new = f"index index.html;\n        expires {CACHE_ORIGIN_MAX_AGE}s;\n"
+    conf = render(
+        "origin-nginx.conf",
+        env.tmp / "origin-nginx-cache.conf",
+        lambda t: _sub1(t, old, new, "origin-nginx.conf"),
+        prefix=env.tmp,
+        docroot=docroot,
+        origin_port=port,
+    )
+    argv = ["nginx", "-p", f"{env.tmp}/", "-c", str(conf), "-e", str(env.tmp / "origin-nginx.error.log")]
+    p = env.procs.start("origin", argv, env.log_path("origin-nginx"), cpu=env.load_cpu)
+    wait_ready(port, p, "origin nginx", BODY_SIZE, 15)
+    return p, port
+
+
+def cache_config_patch(env: Env, name: str, conf: Path) -> None:
+    """Turn a rendered proxy config into its caching variant (rpxy: [experimental.cache]; nginx: proxy_cache)."""
+    text = conf.read_text()
+    if name == "rpxy":
+        cache_dir = env.tmp / "rpxy-cache"
+        text += f'\n[experimental.cache]\ncache_dir = "{cache_dir}"\n'
+    elif name == "nginx":
+        cache_dir = env.tmp / "proxy-nginx-cache"
+        text = _sub1(
+            text,
+            "    upstream origin {\n",
+            f"    proxy_cache_path {cache_dir} levels=1:2 keys_zone=bench:10m max_size=100m inactive=1h use_temp_path=off;\n\n"
+            "    upstream origin {\n",
+            "nginx.conf",
+        )
+        text = _sub1(
+            text,
+            "            proxy_pass http://origin;\n",
+            "            proxy_pass http://origin;\n            proxy_cache bench;\n"
+            "            add_header X-Cache-Status $upstream_cache_status;\n",
+            "nginx.conf",
+        )
+    else:
+        raise ValueError(f"{name} has no cache configuration here (targets: {CACHE_TARGETS})")
+    conf.write_text(text)
+
+
+def cache_hit_check(name: str, port: int) -> str:
+    """Two GETs; the second must be a cache hit (Cache-Status for rpxy, X-Cache-Status for nginx)."""
+    header = ""
+    for _ in range(2):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/", headers={"Host": HOST_HEADER})
+            resp = conn.getresponse()
+            body = resp.read()
+            header = resp.getheader("cache-status" if name == "rpxy" else "x-cache-status") or ""
+        finally:
+            conn.close()
+        if resp.status != 200 or len(body) != BODY_SIZE:
+            raise StartError(f"{name}: status {resp.status}, {len(body)} body bytes")
+    hit = "hit" in header if name == "rpxy" else header == "HIT"
+    if not hit:
+        raise StartError(f"{name}: the second request was not a cache hit ({header!r})")
+    return header
+
+
+def start_proxy_cache(env: Env, name: str, upstream_port: int) -> tuple[subprocess.Popen, int]:
+    """``name`` with its response cache on, checked to answer the page from the cache."""
+    port = free_port()
+    argv, env_vars = proxy_command(env, name, port, upstream_port, "cache")
+    conf = env.tmp / ("rpxy-cache.toml" if name == "rpxy" else "nginx-cache.conf")
+    cache_config_patch(env, name, conf)
+    p = env.procs.start(name, argv, env.log_path(f"{name}-cache"), cpu=env.proxy_cpu, env=env_vars)
+    try:
+        wait_ready(port, p, name, BODY_SIZE, env.args.start_timeout)
+        log(f"{name}: cache hit confirmed ({cache_hit_check(name, port)})")
+    except BaseException:
+        env.procs.stop(p)
+        raise
+    return p, port
+
+
 # --------------------------------------------------------------------------- wrk
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
@@ -800,6 +920,9 @@ def bench_target(env: Env, name: str, origin_port: int) -> dict:
         sid = None
     elif h2:
         proc, port = start_proxy_h2(env, name, origin_port)
+        sid = proc.pid
+    elif a.cache:
+        proc, port = start_proxy_cache(env, name, origin_port)
         sid = proc.pid
     else:
         proc, port = start_proxy(env, name, origin_port, "rps", BODY_SIZE)
@@ -876,6 +999,89 @@ def bench_target(env: Env, name: str, origin_port: int) -> dict:
         if proc is not None:
             env.procs.stop(proc)
     return res
+
+
+def scaling_cpus(env: Env) -> str:
+    """The cores of the N-worker run: ``--scaling-cpus``, else the proxy core + the load core."""
+    if env.args.scaling_cpus:
+        return env.args.scaling_cpus
+    cpus = [c for c in (env.proxy_cpu, env.load_cpu) if c is not None]
+    return ",".join(str(c) for c in dict.fromkeys(cpus)) or "all"
+
+
+def scaling_targets(env: Env, origin_port: int) -> list[dict]:
+    """``--scaling``: rpxy with 1 worker, then N (default 2), with the placements:
+
+    1. 1 worker on the proxy core (the usual baseline);
+    2. N workers on that same core: the cost of having several workers (ideally 1.00x);
+    3. N workers allowed on ``--scaling-cpus`` (default: the proxy core and the load core);
+    4. the same with worker i pinned to the i-th core of the list (a fixed placement).
+
+    ``taskset`` gives the supervisor a CPU set and every worker inherits all of it (the
+    kernel places them within it). On a 2-core machine placement 3 shares the load core with
+    wrk and the origin: see bench/README.md ("Workers") for what that can and cannot show.
+    """
+    a = env.args
+    many = a.rpxy_workers if a.rpxy_workers > 1 else 2
+    saved_cpu, saved_workers = env.proxy_cpu, a.rpxy_workers
+    spread = scaling_cpus(env)
+    plan = [(1, saved_cpu), (many, saved_cpu), (many, None if spread == "all" else spread)]
+    if spread != "all" and re.fullmatch(r"\d+(,\d+)*", spread):
+        plan.append((many, "pinned:" + spread))  # one worker per core of the list
+    results = []
+    try:
+        for step, (count, cpus) in enumerate(plan, 1):
+            a.rpxy_workers = count
+            env.pin_workers = None
+            if isinstance(cpus, str) and cpus.startswith("pinned:"):
+                env.pin_workers = [int(c) for c in cpus[len("pinned:"):].split(",")]
+                cpus = cpus[len("pinned:"):]
+            env.proxy_cpu = cpus  # an int or a taskset list such as "0,1"; None = not pinned
+            where = "any core" if cpus is None else f"core(s) {cpus}"
+            if env.pin_workers:
+                where += ", one worker per core"
+            log(f"=== rpxy with {count} worker(s) on {where}")
+            try:
+                res = bench_target(env, "rpxy", origin_port)
+            except (StartError, RuntimeError, ValueError) as exc:
+                log(f"rpxy x{count} FAILED: {exc}")
+                res = {"target": "rpxy", "ok": False, "status": "failed", "error": str(exc)}
+            res["workers"] = count
+            res["cpus"] = ("any" if cpus is None else str(cpus)) + (" (1 per core)" if env.pin_workers else "")
+            res["target"] = f"rpxy x{count} on {res['cpus']}"
+            results.append(res)
+            # the log files are appended to and named by target: keep each step's apart
+            for path in [*env.logs.glob("wrk-rpxy-*.log"), *env.logs.glob("rpxy-rps.log")]:
+                path.rename(path.with_name(f"step{step}-{path.name}"))
+    finally:
+        env.proxy_cpu, a.rpxy_workers = saved_cpu, saved_workers
+        env.pin_workers = None
+    return results
+
+
+def scaling_table(results: list[dict], env: Env) -> str:
+    base = next((r["median_rps"] for r in results if r.get("ok") and r.get("workers") == 1), None)
+    head = (
+        f"| rpxy workers | cores | req/s (median) | vs 1 worker | p50 ms | p99 ms | peak RSS MiB | proxy CPU % | req/s per proxy core | core{env.load_cpu} busy % | errors |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = []
+    for r in results:
+        if not r.get("ok"):
+            rows.append(f"| {r.get('workers', '?')} | {r.get('cpus', '?')} | {r.get('status', 'failed')} | | | | | | | | |")
+            continue
+        ratio = f"{r['median_rps'] / base:.2f}x" if base else "-"
+        rss = r.get("peak_rss_bytes")
+        cpu = r.get("median_proxy_cpu_pct")
+        # what one fully busy core of workers serves: flat from 1 to N workers = no overhead
+        # from having several (what the proxy would scale to with a core of its own per worker)
+        per_core = r["median_rps"] / (cpu / 100.0) if cpu else None
+        rows.append(
+            f"| {r['workers']} | {r['cpus']} | {r['median_rps']:,.0f} | {ratio} | {_fmt(r['median_p50_ms'], '.2f')} | "
+            f"{_fmt(r['median_p99_ms'], '.2f')} | {_fmt(rss / MiB if rss else None, '.1f')} | "
+            f"{_fmt(cpu)} | {_fmt(per_core, ',.0f')} | {_fmt(r.get('median_load_core_busy_pct'))} | {r['errors']} |"
+        )
+    return head + "\n".join(rows)
 
 
 def _round(x: float | None, nd: int = 1) -> float | None:
@@ -1152,6 +1358,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra top-level line for rpxy's config.toml (repeatable)",
     )
     p.add_argument(
+        "--rpxy-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="rpxy worker processes (rpxy --workers N); they inherit the proxy's pinning, see --scaling",
+    )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="rpxy only: 1 worker on --proxy-cpu, 2 workers (or --rpxy-workers N) on the same core, then 2 workers "
+        "on --scaling-cpus; origin + wrk on --load-cpu; reports the req/s ratios (see bench/README.md)",
+    )
+    p.add_argument(
+        "--scaling-cpus",
+        default=None,
+        metavar="LIST",
+        help="taskset CPU list of the last --scaling step (default: proxy core + load core; 'all' = not pinned)",
+    )
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="cached-response mode: the origin's page is cacheable and each proxy's cache is on "
+        f"(rpxy [experimental.cache], nginx proxy_cache); wrk measures hits/s. Targets: {','.join(CACHE_TARGETS)}",
+    )
+    p.add_argument(
         "--big-download", action="store_true", help="big-transfer mode: 1 GiB download + 1 GiB upload, peak RSS vs limit"
     )
     p.add_argument("--big-size", type=parse_size, default=None, help="size of the big transfer (default 1G, 128M with --quick)")
@@ -1188,7 +1419,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"unknown targets {bad}; choose from {ALL_TARGETS}")
         args.targets = targets
     else:
-        args.targets = ["rpxy"] if args.big_download else list(PROXY_TARGETS)
+        args.targets = ["rpxy"] if args.big_download else list(CACHE_TARGETS) if args.cache else list(PROXY_TARGETS)
+    if args.scaling:
+        if args.big_download or args.cache or args.proto != "h1":
+            p.error("--scaling is its own mode (HTTP/1.1 with wrk)")
+        args.targets = ["rpxy"]
+    if args.rpxy_workers < 1:
+        p.error("--rpxy-workers must be >= 1")
+    if args.cache and (args.big_download or args.proto != "h1"):
+        p.error("--cache is its own mode (HTTP/1.1 with wrk)")
+    if args.cache and any(t not in CACHE_TARGETS for t in args.targets):
+        p.error(f"--cache compares {CACHE_TARGETS} only")
     if args.big_download and "direct" in args.targets:
         p.error("'direct' is not a proxy; it has no meaning with --big-download")
     if args.proto != "h1" and args.big_download:
@@ -1270,6 +1511,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--h3" in (sys.argv[1:] if argv is None else argv):
+        from h3bench import main as h3_main  # HTTP/3 against Caddy: its own mode, see bench/h3bench.py
+
+        return h3_main(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if sys.platform != "linux":
         raise SystemExit("Linux only (uses /proc and taskset)")
@@ -1284,7 +1529,13 @@ def main(argv: list[str] | None = None) -> int:
     started = _dt.datetime.now().astimezone()
     payload: dict = {
         "timestamp": started.strftime("%Y-%m-%dT%H:%M:%S"),
-        "mode": "big-download" if args.big_download else "throughput" if args.proto == "h1" else f"throughput-{args.proto}",
+        "mode": "big-download"
+        if args.big_download
+        else "throughput-cache"
+        if args.cache
+        else "throughput"
+        if args.proto == "h1"
+        else f"throughput-{args.proto}",
         "machine": machine_info(args),
         "params": {k: v for k, v in vars(args).items() if k not in ("only",)},
         "results": [],
@@ -1298,7 +1549,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     log(f"temp dir {tmp}; proxy core {args.proxy_cpu}, load core {args.load_cpu}; targets {','.join(args.targets)}")
     try:
-        origin, origin_port = start_origin_nginx(env)
+        origin, origin_port = start_origin_nginx_cache(env) if args.cache else start_origin_nginx(env)
         log(f"origin nginx on 127.0.0.1:{origin_port}")
         if args.proto == "h2":
             env.tls = make_certs(tmp)
@@ -1319,6 +1570,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if args.big_download:
                     results.append(big_target(env, name, origin_port, sink_port, big_name, upload_file))
+                elif args.scaling:
+                    results.extend(scaling_targets(env, origin_port))
                 else:
                     results.append(bench_target(env, name, origin_port))
             except (StartError, RuntimeError, ValueError) as exc:
@@ -1351,6 +1604,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in results
             if not r.get("ok") and r.get("error")
         ]
+    elif args.scaling:
+        table = scaling_table(results, env)
+        notes = [f"{r['target']} failed: {r.get('error', '')}" for r in results if not r.get("ok")]
     else:
         table = throughput_table(results, env)
         notes = throughput_notes(results, env)
@@ -1371,9 +1627,11 @@ def main(argv: list[str] | None = None) -> int:
             "mean/max ms = h2load's per-request time (it reports no percentiles), median over the runs\n"
         )
     else:
+        cached = "; every response a cache hit (origin: max-age=3600; rpxy [experimental.cache], nginx proxy_cache)" if args.cache else ""
+        placement = "proxy placement per row" if args.scaling else f"proxy on core {args.proxy_cpu}"
         print(
             f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, {args.runs} run(s) per target, "
-            f"proxy on core {args.proxy_cpu}, origin+wrk on core {args.load_cpu}\n"
+            f"{placement}, origin+wrk on core {args.load_cpu}{cached}\n"
         )
     if interrupted:
         print("INTERRUPTED: partial results (the target running at the time is not included)\n")
@@ -1382,7 +1640,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
     for n in notes:
         print(f"- {n}")
-    path = write_json(args, payload, "-big" if args.big_download else "" if args.proto == "h1" else f"-{args.proto}")
+    suffix = "-big" if args.big_download else "-cache" if args.cache else "-scaling" if args.scaling else "" if args.proto == "h1" else f"-{args.proto}"
+    path = write_json(args, payload, suffix)
     if path:
         print(f"\nJSON: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     if interrupted:

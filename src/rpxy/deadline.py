@@ -12,6 +12,10 @@ from typing import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+#: Slow readers (beyond rpxy): a client whose transport has taken none of our writes for
+#: this long in a row (its buffers stayed full) is disconnected, on HTTP/1.1 and HTTP/2.
+SEND_STALL_TIMEOUT = 20.0
+
 
 class LazyDeadline:
     __slots__ = ("reactor", "on_expire", "when", "call")

@@ -35,6 +35,20 @@ def format_timestamp(when: float) -> str:
     return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_ESCAPED = frozenset(b'"\\') | frozenset(range(0x20)) | frozenset(range(0x7F, 0x100))
+
+
+def log_field(value: bytes) -> str:
+    """A client-sent value for a quoted access-log field, escaped as nginx does (``\\xHH``).
+
+    Without it a User-Agent holding ``", "`` could forge the fields after it; quotes,
+    backslashes and non-printable or non-ASCII bytes become ``\\x22``, ``\\x5C``, ...
+    """
+    if _ESCAPED.isdisjoint(value):
+        return value.decode("ascii")
+    return "".join(f"\\x{byte:02X}" if byte in _ESCAPED else chr(byte) for byte in value)
+
+
 def redact_query(path: str) -> str:
     """``/p?a=1&flag&&b=`` → ``/p?a=<redacted>&<redacted>&&b=<redacted>``, as rpxy does.
 
@@ -63,6 +77,9 @@ class AccessLog:
         self._flush_call = None
         self._second = -1
         self._second_text = ""
+        #: rpxy.metrics.Metrics when [experimental.metrics] is on: every finished request
+        #: passes here, so this is where it is counted. None (one test per request) when off.
+        self.metrics = None
 
     def _timestamp(self) -> str:
         now = time.time()
@@ -72,16 +89,28 @@ class AccessLog:
             self._second_text = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
         return "%s.%06dZ" % (self._second_text, int((now - second) * 1_000_000))
 
-    def record(self, conn: ConnectionInfo, head: RequestHead, host: str, status: int, *, upstream: str) -> None:
+    def record(
+        self,
+        conn: ConnectionInfo,
+        head: RequestHead,
+        host: str,
+        status: int,
+        *,
+        upstream: str,
+        app: str = "",
+        started: float | None = None,
+    ) -> None:
+        """One access line; ``app`` (the app's table name, "" when none was chosen) and
+        ``started`` (the pipeline clock when it took the request) are for the metrics."""
         user_agent = xff = ""
         forwarded = None
         for name, value in head.headers:
             if name == b"user-agent":
-                user_agent = value.decode("latin-1")
+                user_agent = log_field(value)
             elif name == b"x-forwarded-for":
-                xff = value.decode("latin-1") if not xff else xff + ", " + value.decode("latin-1")
+                xff = log_field(value) if not xff else xff + ", " + log_field(value)
             elif name == b"forwarded":
-                forwarded = value.decode("latin-1")
+                forwarded = log_field(value)
         path = head.path.decode("latin-1")
         if self.redact:
             path = redact_query(path)
@@ -98,6 +127,9 @@ class AccessLog:
             line += f' "{forwarded}"'
         line += f' "{upstream}"\n'
         self.stream.write(line)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.request(app, head.version, status, started)
         if self._flush_call is None and self.reactor is not None:
             self._flush_call = self.reactor.callLater(_FLUSH_INTERVAL, self.flush)
 

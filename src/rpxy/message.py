@@ -22,6 +22,9 @@ class ConnectionInfo:
     local_port: int
     tls: bool = False
     sni: str | None = None
+    #: The local address the client reached ("" when unknown); the destination of a PROXY
+    #: header sent upstream.
+    local_ip: str = ""
 
     @property
     def scheme(self) -> bytes:

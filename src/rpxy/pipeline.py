@@ -10,13 +10,17 @@ else is streamed to and from an upstream with backpressure both ways.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rpxy.cache.relay import CacheHitExchange, CachingSink
 from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
+from rpxy.metrics import NULL_METRICS
+from rpxy.policy.headers.alt_svc import alt_svc_for
 from rpxy.policy.headers.request import prepare_request_headers
 from rpxy.policy.headers.response import prepare_response_headers
 from rpxy.policy.host import request_host
@@ -46,6 +50,12 @@ class Pipeline:
         self.holder = holder
         self.reactor = reactor
         self.access_log = access_log
+        #: ACME HTTP-01 responder ``(host, path) -> body | None`` (rpxy.acme), when configured.
+        self.acme_http01: Callable[[str, bytes], bytes | None] | None = None
+        #: rpxy.metrics: the recorder for cache lookups (a no-op when metrics are off), and the
+        #: clock a proxied request is stamped with when it starts (None when off: no clock read).
+        self.metrics = NULL_METRICS
+        self.clock: Callable[[], float] | None = None
 
     def handle(
         self,
@@ -55,13 +65,17 @@ class Pipeline:
         *,
         content_length: int | None,
         body_expected: bool,
-    ) -> _LocalExchange | ProxyExchange:
+    ) -> _LocalExchange | ProxyExchange | CacheHitExchange:
         state = self.holder.current
         try:
             host, original_host = request_host(head)
         except HttpError as error:
             log.debug("rejected request from {peer}: {reason}", peer=conn.peer_ip, reason=error.reason)
             return self._local(error.status, conn, head, sink, host="", close=True)
+        if not conn.tls and self.acme_http01 is not None and head.path.startswith(b"/.well-known/acme-challenge/"):
+            body = self.acme_http01(host, head.path)
+            if body is not None:
+                return self._acme_answer(conn, head, sink, host, body)
         if conn.tls and host != conn.sni and self._misdirected(state, host, conn.sni):
             return self._local(421, conn, head, sink, host=host)
         max_body = state.max_body
@@ -81,14 +95,27 @@ class Pipeline:
             # A wildcard app redirects to the name the client asked for, not to "*.example.com".
             redirect_host = host if app.server_name.startswith("*.") else app.server_name
             location = https_redirect_location(redirect_host, state.https_port_for_clients, head.path)
-            return self._local(301, conn, head, sink, host=host, extra=[(b"location", location)])
+            return self._local(
+                301, conn, head, sink, host=host, extra=[(b"location", location)], app=app.config.name
+            )
 
         path, _query = split_path_query(head.path)
         asterisk = path == b"*"  # OPTIONS * is about the server: the default route answers it
         match = app.paths.lookup(b"/" if asterisk else path)
         if match is None:
-            return self._local(404, conn, head, sink, host=host)
+            return self._local(404, conn, head, sink, host=host, app=app.config.name)
         prefix, route = match
+        cache_plan = None
+        if state.cache is not None:
+            cache_plan = state.cache.plan(conn, head, host, app=app.config, sticky=route.sticky, body=body_expected)
+            if cache_plan is not None:
+                self.metrics.cache_lookup(cache_plan)
+                if cache_plan.answers_locally:
+                    record = self.access_log.record
+                    name = app.config.name
+                    return cache_plan.serve(
+                        sink, lambda status: record(conn, head, host, status, upstream="cache", app=name)
+                    )
 
         # Set by the front end: HTTP/1.1 Upgrade or HTTP/2 extended CONNECT (RFC 8441 ``:protocol``).
         upgrade = head.protocol
@@ -117,6 +144,8 @@ class Pipeline:
             headers = strip_sticky_cookie(headers)
         else:
             choice = route.group.choose()
+        if cache_plan is not None:
+            sink, headers = cache_plan.forward(sink, headers)
         exchange = ProxyExchange(
             self,
             state,
@@ -152,6 +181,16 @@ class Pipeline:
             return False
         return app is not state.apps.lookup(sni or "")
 
+    def _acme_answer(self, conn: ConnectionInfo, head: RequestHead, sink: ResponseSink, host: str, body: bytes):
+        """An HTTP-01 key authorization (RFC 8555 section 8.3), before any redirect or route."""
+        sink.send_head(200, [_SERVER, (b"content-type", b"application/octet-stream"),
+                             (b"content-length", str(len(body)).encode())])
+        if head.method != b"HEAD":
+            sink.send_data(body)
+        sink.send_end(None)
+        self.access_log.record(conn, head, host, 200, upstream="acme")
+        return _LOCAL_EXCHANGE
+
     def _local(
         self,
         status: int,
@@ -162,9 +201,10 @@ class Pipeline:
         host: str,
         close: bool = False,
         extra: Headers | None = None,
+        app: str = "",
     ) -> _LocalExchange:
         send_local_response(sink, status, close=close, extra=extra)
-        self.access_log.record(conn, head, host, status, upstream="")
+        self.access_log.record(conn, head, host, status, upstream="", app=app)
         return _LOCAL_EXCHANGE
 
 
@@ -276,14 +316,19 @@ class ProxyExchange:
         self.client_tunnel: TunnelEnd | None = None
         self.paused_client = False
         self.producer_registered = False
+        clock = pipeline.clock
+        self.started = clock() if clock is not None else None  # for the latency metric
 
     # -- lifecycle ------------------------------------------------------------
 
     @property
     def pool(self) -> UpstreamPool | H2UpstreamPool:
-        if self.http2:
-            return self.route.h2_pools[self.index]  # type: ignore[index]
-        return self.route.pools[self.index]
+        route = self.route
+        pool = route.h2_pools[self.index] if self.http2 else route.pools[self.index]  # type: ignore[index]
+        if route.proxy_protocol:
+            # send_proxy_protocol_v*: connections that name this client serve only this client.
+            return pool.for_client(self.conn)  # type: ignore[union-attr]
+        return pool
 
     def start(self, *, fresh: bool = False) -> None:
         if self.body_expected and not self.paused_client:
@@ -407,6 +452,8 @@ class ProxyExchange:
             self.host,
             status,
             upstream=self.route.upstream_uris[self.index] + self.upstream_path.split(b"?", 1)[0].decode("latin-1"),
+            app=self.app.config.name,
+            started=self.started,
         )
 
     def _cancel_timer(self) -> None:
@@ -465,6 +512,8 @@ class ProxyExchange:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.abort()
+        if isinstance(self.sink, CachingSink):
+            self.sink.client_gone()  # a partial body is never stored
         self._finish(self.status or 499)
 
     def _body_too_large(self) -> None:
@@ -506,7 +555,9 @@ class ProxyExchange:
             return
         self.response_started = True
         self.status = status
-        headers = prepare_response_headers(headers, alt_svc=None, upgrade=False)
+        headers = prepare_response_headers(
+            headers, alt_svc=alt_svc_for(self.state.config, self.app.config, tls=self.conn.tls), upgrade=False
+        )
         if self.set_cookie is not None:
             headers.append((b"set-cookie", self.set_cookie))
         sink = self.sink

@@ -79,6 +79,40 @@ class TunnelPauser:
         self.end.close()
 
 
+class StreamTunnelEnd:
+    """The client's end of a WebSocket tunnel carried by one stream of a multiplexed
+    connection (RFC 8441 over HTTP/2, RFC 9220 over HTTP/3).
+
+    The stream (the front end's response sink) keeps its flow control: bytes from the
+    upstream go out as DATA within the client's windows, END_STREAM / FIN once the held
+    data is out.
+    """
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        stream = self.stream
+        if not stream.closed:
+            stream.send_data(data)
+            stream.flush()
+
+    def close(self) -> None:
+        """The upstream closed: the stream ends after what it still holds."""
+        stream = self.stream
+        stream.tunnel = None
+        if not stream.closed:
+            stream.send_end(None)
+
+    def pause(self) -> None:
+        self.stream.pauseProducing()
+
+    def resume(self) -> None:
+        self.stream.resumeProducing()
+
+
 class Exchange(Protocol):
     """The pipeline's side of one request, fed by the front end."""
 

@@ -124,6 +124,19 @@ def test_proxied_request_line(proxy, origin):
     }
 
 
+def test_client_values_cannot_forge_log_fields(proxy, origin):
+    # A User-Agent with quotes would otherwise end its field and forge the ones after it.
+    status, _ = request(
+        proxy, "app1.test", "/echo?marker=forge", "-A", 'evil", "1.2.3.4" "http://x/\\ \u00e9',
+        "-H", 'X-Forwarded-For: 10.0.0.9", "forged',
+    )
+    assert status == 200
+    fields = parse(lines_with(proxy, "marker=forge")[0])
+    assert fields["ua"] == "evil\\x22, \\x221.2.3.4\\x22 \\x22http://x/\\x5C \\xC3\\xA9"
+    assert fields["xff"] == "10.0.0.9\\x22, \\x22forged"
+    assert fields["upstream"] == f"http://{origin.location}/echo"
+
+
 def test_forwarded_field_and_rewritten_upstream(proxy, origin):
     status, _ = request(
         proxy, "app1.test", "/path/another/xx?query=ng&marker=fwd", "-X", "POST", "-d", "", "-A", "",

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 import rpxy
-from rpxy.config.load import NOT_YET_SUPPORTED
 from tests.integration.conftest import RPXY, ROOT, Rpxy, curl, free_port, wait_for_port
 from tests.support.http import echo_json
 
@@ -59,19 +58,6 @@ def bad_config(directory: Path, port: int) -> Path:
         upstream = []
         """,
     )
-
-
-def unsupported_feature() -> tuple[str, str]:
-    """(key, TOML enabling it) for a feature this version still warns about; skips once all are built."""
-    candidates = {
-        "experimental.cache": "[experimental.cache]\nmax_cache_entry = 10\n",
-        "experimental.h3": "[experimental.h3]\n",
-        "experimental.ignore_sni_consistency": "[experimental]\nignore_sni_consistency = true\n",
-    }
-    for key, toml in candidates.items():
-        if key in NOT_YET_SUPPORTED:
-            return key, toml
-    pytest.skip("every candidate feature is implemented now")
 
 
 def run(args: list, *, cwd: Path, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -220,16 +206,7 @@ def test_unknown_keys_are_warned(tmp_path):
     assert "unknown key experimental.h3.alt_svc_maxage (ignored)" in result.stderr
 
 
-def test_not_yet_supported_keys_are_warned(tmp_path):
-    key, toml = unsupported_feature()
-    config = good_config(tmp_path, free_port(), "127.0.0.1:1", extra_tail=toml)
-    result = run([RPXY, "--check", "-c", config], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert f"{key}: not yet supported" in result.stderr
-
-
 def test_warnings_reach_the_system_log_of_a_running_proxy(tmp_path, origin):
-    key, toml = unsupported_feature()
     config = f"""
         listen_port = {{port}}
         listen_address_v4 = "127.0.0.1"
@@ -237,12 +214,14 @@ def test_warnings_reach_the_system_log_of_a_running_proxy(tmp_path, origin):
         [apps.app1]
         server_name = "app1.test"
         reverse_proxy = [{{ upstream = [{{ location = "{origin.location}" }}] }}]
-    """ + toml
+        [experimental]
+        mystery = 1
+    """
     proxy = Rpxy(tmp_path, config)
     try:
         log = proxy.system_log()
         assert "unknown key listen_prot (ignored)" in log
-        assert f"{key}: not yet supported" in log
+        assert "unknown key experimental.mystery (ignored)" in log
         assert f"listening on 127.0.0.1:{proxy.port}" in log
     finally:
         proxy.stop()
@@ -275,7 +254,9 @@ def test_unusable_log_dir_fails_clearly(tmp_path):
 
 def test_sigterm_exits_promptly_with_status_0(tmp_path, origin):
     port = free_port()
-    config = good_config(tmp_path, port, origin.location)
+    # No grace period: requests in flight are cut at once (the graceful drain with a
+    # deadline is tests/integration/test_shutdown.py).
+    config = good_config(tmp_path, port, origin.location, extra_top="graceful_shutdown_timeout = 0")
     server = Server([RPXY, "-c", config, "-l", tmp_path / "logs"], cwd=tmp_path, port=port)
     assert server.echo_origin() == "a"
     # Open client connections must not hold the shutdown: an idle keep-alive one, one

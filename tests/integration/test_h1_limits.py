@@ -235,10 +235,18 @@ def eventually(predicate, timeout: float = 5.0) -> bool:
     return False
 
 
+def busy(port: int, n: int) -> RawConnection:
+    """A counted connection with a request in flight (the upstream never answers /never)."""
+    conn = RawConnection(port)
+    conn.send(request("GET", f"/never?busy-{n}"))
+    return conn
+
+
 def test_max_clients(upstream, tmp_path):
     proxy = Rpxy(tmp_path, proxy_config(upstream.location, top="max_clients = 3\n"))
     try:
-        held = [open_counted(proxy.port) for _ in range(3)]
+        held = [busy(proxy.port, n) for n in range(3)]
+        assert all(upstream.wait_for_request(f"/never?busy-{n}") is not None for n in range(3))
         assert refused_without_response(proxy.port)
         # The refused attempt did not use up a slot; closing a held one frees one.
         held.pop().close()
@@ -247,6 +255,21 @@ def test_max_clients(upstream, tmp_path):
             conn.close()
     finally:
         proxy.stop()
+    assert_no_tracebacks(proxy.system_log())
+
+
+def test_idle_clients_make_room_at_max_clients(upstream, tmp_path):
+    # Idle keep-alive connections (and slow-header ones) are closed to admit new clients.
+    proxy = Rpxy(tmp_path, proxy_config(upstream.location, top="max_clients = 3\n"))
+    try:
+        held = [open_counted(proxy.port) for _ in range(3)]  # answered, now idle
+        assert served(proxy.port)
+        assert sum(conn.wait_closed(timeout=5) for conn in held) == 1  # the oldest idle one went
+        for conn in held:
+            conn.close()
+    finally:
+        proxy.stop()
+    assert "closed to admit a new client (max_clients reached)" in proxy.system_log()
     assert_no_tracebacks(proxy.system_log())
 
 

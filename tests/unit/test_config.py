@@ -38,7 +38,8 @@ def errors_of(text: str) -> list[str]:
 LB_CHOICES = '"none", "round_robin", "random", "sticky", "primary_backup"'
 OPTIONS = (
     "keep_original_host, set_upstream_host, upgrade_insecure_requests, "
-    "force_http11_upstream, force_http2_upstream, forwarded_header"
+    "force_http11_upstream, force_http2_upstream, forwarded_header, "
+    "send_proxy_protocol_v1, send_proxy_protocol_v2"
 )
 PORT_RANGE = "must be an integer between 1 and 65535"
 
@@ -337,6 +338,14 @@ CASES: list[tuple[str, str, list[str]]] = [
         "unknown upstream option",
         make(route='upstream_options = ["forwarded_header", "keep_host"]'),
         [f'apps.app1.reverse_proxy[0].upstream_options[1]: unknown option "keep_host" (expected one of: {OPTIONS})'],
+    ),
+    (
+        "both proxy protocol versions",
+        make(route='upstream_options = ["send_proxy_protocol_v1", "send_proxy_protocol_v2"]'),
+        [
+            "apps.app1.reverse_proxy[0].upstream_options: "
+            "send_proxy_protocol_v1 and send_proxy_protocol_v2 are mutually exclusive"
+        ],
     ),
     (
         "both force options",

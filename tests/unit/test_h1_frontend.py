@@ -191,19 +191,105 @@ def test_no_timeout_while_the_response_is_awaited_or_streamed(env):
     assert closed(transport)
 
 
-def test_slow_request_body_is_not_cut_by_the_header_deadline(env):
+def test_a_body_at_the_minimum_rate_is_not_cut_by_any_deadline(env):
+    # 500 bytes/s for 60 s: slower than the 20 s header deadline, at the body's minimum rate.
     factory, pipeline, clock = env
     protocol, transport = connect(factory)
-    protocol.dataReceived(b"POST /up HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n")
-    for _ in range(10):
-        clock.advance(5)
-        protocol.dataReceived(b"b")
+    protocol.dataReceived(b"POST /up HTTP/1.1\r\nHost: localhost\r\nContent-Length: 30000\r\n\r\n")
+    for _ in range(60):
+        clock.advance(1)
+        protocol.dataReceived(b"b" * 500)
     exchange = pipeline.exchanges[0]
     assert not closed(transport)
-    assert b"".join(exchange.body) == b"b" * 10
-    assert exchange.ended
+    assert sum(map(len, exchange.body)) == 30000 and exchange.ended
 
 
+def test_a_trickled_body_is_cut_at_its_absolute_deadline(env):
+    # slowhttptest -B: a byte now and then never extends the deadline by much.
+    factory, pipeline, clock = env
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"POST /up HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n")
+    for _ in range(3):
+        clock.advance(5)
+        protocol.dataReceived(b"b")
+    assert not closed(transport)
+    clock.advance(5.1)  # 20 s + 3 bytes / 500 B/s
+    assert closed(transport)
+    assert pipeline.exchanges[0].gone or transport.disconnecting
+
+
+def test_time_the_proxy_holds_the_body_back_does_not_count(env):
+    factory, pipeline, clock = env
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"POST /up HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n")
+    exchange = pipeline.exchanges[0]
+    clock.advance(10)
+    exchange.sink.request_producer.pauseProducing()  # the upstream is slow: backpressure
+    clock.advance(60)
+    assert not closed(transport)
+    exchange.sink.request_producer.resumeProducing()
+    clock.advance(9)
+    assert not closed(transport)  # 10 + 9 s of the client's own time
+    clock.advance(2)
+    assert closed(transport)
+
+
+def test_a_reader_that_stalls_for_20s_is_cut(env):
+    # slowhttptest -X: the response is never taken; its transport stays paused.
+    factory, pipeline, clock = env
+    protocol, transport = connect(factory)
+    protocol.dataReceived(GET)
+    exchange = pipeline.exchanges[0]
+    upstream = RecordingProducer()
+    exchange.sink.send_head(200, [(b"content-length", b"1000000")])
+    exchange.sink.register_producer(upstream)
+    watch = transport.producer  # what the transport pauses when the client does not read
+    watch.pauseProducing()
+    assert upstream.log == ["pause"]
+    clock.advance(15)
+    watch.resumeProducing()  # the client read a little: the buffer drained
+    watch.pauseProducing()
+    clock.advance(19)
+    assert not closed(transport)
+    clock.advance(1.5)
+    assert closed(transport)
+
+
+class RecordingProducer:
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.log.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.log.append("resume")
+
+    def stopProducing(self) -> None:
+        self.log.append("stop")
+
+
+def test_slowloris_sockets_are_evicted_at_max_clients():
+    factory, pipeline, clock = make_factory("max_clients = 2")
+    slow = [connect(factory, port=40000 + n) for n in range(2)]
+    for protocol, _transport in slow:
+        clock.advance(0.5)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nX-a: b\r\n")  # and never the rest
+    probe, probe_transport = connect(factory, port=42000)
+    assert not closed(probe_transport)
+    assert closed(slow[0][1]) and not closed(slow[1][1])  # the longest waiting one went
+    probe.dataReceived(GET)
+    assert pipeline.exchanges and pipeline.exchanges[-1].head.path == b"/x"
+    assert factory.active == 2
+
+
+def test_a_connection_with_a_request_in_flight_is_never_evicted():
+    factory, pipeline, clock = make_factory("max_clients = 1")
+    busy, busy_transport = connect(factory)
+    busy.dataReceived(GET)  # head complete, answer pending
+    clock.advance(60)
+    _late, late_transport = connect(factory, port=40001)
+    assert closed(late_transport) and not closed(busy_transport)
 def test_keep_alive_requests_cost_no_timer_each(env):
     factory, pipeline, clock = env
     protocol, transport = connect(factory)
@@ -248,11 +334,13 @@ def test_max_clients():
     factory, pipeline, _ = make_factory(top="max_clients = 3")
     held = [connect(factory, port=40000 + n) for n in range(3)]
     assert not any(closed(transport) for _, transport in held)
+    for protocol, _transport in held:
+        protocol.dataReceived(GET)  # each has a request in flight: none can be evicted
     refused, refused_transport = connect(factory, port=40010)
     assert refused_transport.disconnected  # dropped without a response
     refused.dataReceived(GET)
     assert refused_transport.value() == b""
-    assert pipeline.exchanges == []
+    assert len(pipeline.exchanges) == 3
     lose(refused, refused_transport)  # a refused connection frees no slot it never had
     assert factory.active == 3
     lose(*held.pop())
@@ -260,7 +348,7 @@ def test_max_clients():
     protocol, transport = connect(factory, port=40020)
     assert not closed(transport)
     protocol.dataReceived(GET)
-    assert len(pipeline.exchanges) == 1
+    assert len(pipeline.exchanges) == 4
 
 
 def test_max_clients_per_ip():

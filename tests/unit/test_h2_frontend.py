@@ -1013,3 +1013,18 @@ def test_a_body_beyond_the_stream_window_falls_back_to_split_frames(env):
     client.pump()
     _, body, ended = client.response(stream_id)
     assert (body, ended) == (b"y" * 2500, True)
+
+
+def test_a_client_that_reads_nothing_for_20s_is_cut(env):
+    client = Client(env)
+    client.request("/big")
+    session = client.session
+    session.pauseProducing()  # the transport's buffers are full: the client is not reading
+    client.clock.advance(15)
+    session.resumeProducing()  # it read something
+    session.pauseProducing()
+    client.clock.advance(19)
+    assert not closed(client.transport)
+    client.clock.advance(1.5)
+    assert closed(client.transport)
+    assert client.pipeline.exchanges[0].gone

@@ -35,6 +35,7 @@ from rpxy.config.model import (
     ExperimentalConfig,
     H3Config,
     HealthCheckConfig,
+    MetricsConfig,
     ProxyProtocolConfig,
     ReverseProxyConfig,
     TlsConfig,
@@ -46,6 +47,7 @@ from rpxy.config.sizes import parse_size
 __all__ = [
     "NOT_YET_SUPPORTED",
     "ConfigError",
+    "load_config_bytes",
     "LoadedConfig",
     "load_config_file",
     "parse_config",
@@ -57,11 +59,6 @@ __all__ = [
 #: effect)"`` once per load. Remove an entry when its feature lands.
 NOT_YET_SUPPORTED: frozenset[str] = frozenset(
     {
-        "apps.*.tls.acme",
-        "experimental.h3",
-        "experimental.cache",
-        "experimental.acme",
-        "experimental.tcp_recv_proxy_protocol",
     }
 )
 
@@ -73,12 +70,17 @@ UPSTREAM_OPTIONS = (
     "force_http11_upstream",
     "force_http2_upstream",
     "forwarded_header",
+    # beyond rpxy: each upstream connection starts with a PROXY header naming the client
+    "send_proxy_protocol_v1",
+    "send_proxy_protocol_v2",
 )
 HEALTH_CHECK_TYPES = ("tcp", "http")
 
 # What rpxy does when tcp_recv_proxy_protocol.timeout = 0 (ms).
 _PROXY_PROTOCOL_ZERO_TIMEOUT_MS = 5000
 _STICKY_SECRET_BYTES = 32
+#: Upper bound of ``workers`` (a typo such as 1000 should not fork-bomb the machine).
+MAX_WORKERS = 256
 
 # Known keys of every table: anything else is warned about as a probable typo.
 _TOP_KEYS = frozenset(
@@ -104,6 +106,8 @@ _TOP_KEYS = frozenset(
         "upstream_response_timeout",
         "upstream_connect_timeout",
         "certificate_poll_interval",
+        "graceful_shutdown_timeout",
+        "workers",
     }
 )
 _APP_KEYS = frozenset({"server_name", "tls", "reverse_proxy"})
@@ -114,7 +118,15 @@ _HEALTH_CHECK_KEYS = frozenset(
     {"type", "interval", "timeout", "unhealthy_threshold", "healthy_threshold", "path", "expected_status"}
 )
 _EXPERIMENTAL_KEYS = frozenset(
-    {"ignore_sni_consistency", "connection_handling_timeout", "h3", "cache", "acme", "tcp_recv_proxy_protocol"}
+    {
+        "ignore_sni_consistency",
+        "connection_handling_timeout",
+        "h3",
+        "cache",
+        "acme",
+        "tcp_recv_proxy_protocol",
+        "metrics",
+    }
 )
 _H3_KEYS = frozenset(
     {
@@ -127,8 +139,10 @@ _H3_KEYS = frozenset(
     }
 )
 _CACHE_KEYS = frozenset({"cache_dir", "max_cache_entry", "max_cache_each_size", "max_cache_each_size_on_memory"})
-_ACME_KEYS = frozenset({"dir_url", "email", "registry_path"})
+_ACME_KEYS = frozenset({"dir_url", "email", "registry_path", "challenge", "renew_before_days"})
+ACME_CHALLENGES = ("tls-alpn-01", "http-01")
 _PROXY_PROTOCOL_KEYS = frozenset({"trusted_proxies", "timeout"})
+_METRICS_KEYS = frozenset({"listen_address", "listen_port", "path"})
 
 _T = TypeVar("_T")
 
@@ -169,6 +183,14 @@ def load_config_file(path: str | os.PathLike[str]) -> LoadedConfig:
             raw = handle.read()
     except OSError as exc:
         raise ConfigError([f"{name}: cannot read: {exc.strerror or exc}"]) from exc
+    return load_config_bytes(raw, name)
+
+
+def load_config_bytes(raw: bytes, name: str) -> LoadedConfig:
+    """Validate the bytes of a config file already read (a reload hashes what it parses).
+
+    ``name`` is the file name used in the error messages.
+    """
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -614,6 +636,8 @@ class _Loader:
         response_timeout = top.get_number("upstream_response_timeout", d["upstream_response_timeout"])
         connect_timeout = top.get_number("upstream_connect_timeout", d["upstream_connect_timeout"], positive=True)
         poll_interval = top.get_number("certificate_poll_interval", d["certificate_poll_interval"], positive=True)
+        shutdown_timeout = top.get_number("graceful_shutdown_timeout", d["graceful_shutdown_timeout"])
+        workers = top.get_int("workers", d["workers"], minimum=1, maximum=MAX_WORKERS)
 
         experimental = self._experimental(top)
         apps = self._apps(top)
@@ -637,6 +661,8 @@ class _Loader:
             upstream_response_timeout=response_timeout,
             upstream_connect_timeout=connect_timeout,
             certificate_poll_interval=poll_interval,
+            graceful_shutdown_timeout=shutdown_timeout,
+            workers=workers,
         )
 
     # ---- top-level helpers ------------------------------------------------
@@ -731,6 +757,7 @@ class _Loader:
             cache=self._cache(exp),
             acme=self._acme(exp),
             tcp_recv_proxy_protocol=self._proxy_protocol(exp),
+            metrics=self._metrics(exp, top),
         )
 
     def _subsection(self, parent: _Section, key: str, known: Collection[str]) -> _Section | None:
@@ -801,10 +828,22 @@ class _Loader:
         dir_url = acme.get_str("dir_url", d["dir_url"])
         if acme.ok("dir_url") and not re.match(r"https?://[^/\s]+", dir_url):
             acme.error("dir_url", "must be an http(s):// URL")
+        challenge = acme.get_str("challenge", d["challenge"])
+        if acme.ok("challenge") and challenge not in ACME_CHALLENGES:
+            acme.error("challenge", f"must be one of {', '.join(ACME_CHALLENGES)}")
+        elif challenge == "tls-alpn-01" and not self.has_https:
+            acme.warn("challenge", "tls-alpn-01 needs listen_port_tls")
+        elif challenge == "http-01" and not self.has_http:
+            acme.warn("challenge", "http-01 needs listen_port (the CA fetches the token over cleartext HTTP)")
+        renew_before = None
+        if "renew_before_days" in acme:
+            renew_before = acme.get_number("renew_before_days", 1.0, positive=True)
         return AcmeConfig(
             email=email,
             dir_url=dir_url,
             registry_path=acme.get_str("registry_path", d["registry_path"]),
+            challenge=challenge,
+            renew_before_days=renew_before,
         )
 
     def _proxy_protocol(self, exp: _Section) -> ProxyProtocolConfig | None:
@@ -817,6 +856,30 @@ class _Loader:
             trusted_proxies=trusted or (),
             timeout_ms=timeout_ms or _PROXY_PROTOCOL_ZERO_TIMEOUT_MS,
         )
+
+    def _metrics(self, exp: _Section, top: _Section) -> MetricsConfig | None:
+        """``[experimental.metrics]``: the Prometheus endpoint's own listener (docs/metrics.md)."""
+        metrics = self._subsection(exp, "metrics", _METRICS_KEYS)
+        if metrics is None:
+            return None
+        d = _defaults(MetricsConfig)
+        address = metrics.get_str("listen_address", d["listen_address"])
+        if metrics.ok("listen_address"):
+            try:
+                address = _ip_address(address, 6 if ":" in address else 4)
+            except ValueError as exc:
+                metrics.error("listen_address", str(exc))
+                address = d["listen_address"]
+        port = metrics.get_int("listen_port", d["listen_port"], minimum=1, maximum=65535)
+        if metrics.ok("listen_port"):
+            for key in ("listen_port", "listen_port_tls"):
+                if top.ok(key) and top.data[key] == port:
+                    metrics.error("listen_port", f"must differ from {key} ({port})")
+        path = metrics.get_str("path", d["path"])
+        if metrics.ok("path") and (not path.startswith("/") or any(c in path for c in "?# \t\r\n")):
+            metrics.error("path", 'must be an absolute path such as "/metrics" (no query, no spaces)')
+            path = d["path"]
+        return MetricsConfig(listen_address=address, listen_port=port, path=path)
 
     # ---- [apps] -----------------------------------------------------------
 
@@ -877,8 +940,6 @@ class _Loader:
         if not self.has_https:
             app.warn("tls", "has no effect without listen_port_tls")
         acme = tls.get_bool("acme", False)
-        if acme:
-            self.ctx.not_yet_supported("apps.*.tls.acme")
         cert = tls.get_str("tls_cert_path")
         key = tls.get_str("tls_cert_key_path")
         client_ca = tls.get_str("client_ca_cert_path")
@@ -1033,6 +1094,8 @@ class _Loader:
             else:
                 route.failed.add("upstream_options")
                 self.ctx.error(item_path, f'unknown option "{text}" (expected one of: {", ".join(UPSTREAM_OPTIONS)})')
+        if {"send_proxy_protocol_v1", "send_proxy_protocol_v2"} <= options:
+            route.error("upstream_options", "send_proxy_protocol_v1 and send_proxy_protocol_v2 are mutually exclusive")
         if {"force_http11_upstream", "force_http2_upstream"} <= options:
             route.error("upstream_options", "force_http11_upstream and force_http2_upstream are mutually exclusive")
         if {"keep_original_host", "set_upstream_host"} <= options:

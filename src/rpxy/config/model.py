@@ -20,6 +20,8 @@ UpstreamOption = Literal[
     "force_http11_upstream",
     "force_http2_upstream",
     "forwarded_header",
+    "send_proxy_protocol_v1",
+    "send_proxy_protocol_v2",
 ]
 
 
@@ -111,12 +113,25 @@ class AcmeConfig:
     email: str
     dir_url: str = "https://acme-v02.api.letsencrypt.org/directory"
     registry_path: str = "./acme_registry"
+    # Beyond rpxy: "tls-alpn-01" (rpxy's only one) or "http-01" (answered on listen_port).
+    challenge: str = "tls-alpn-01"
+    # Beyond rpxy: renew this many days before expiry instead of when a third of the lifetime remains.
+    renew_before_days: float | None = None
 
 
 @attrs.frozen
 class ProxyProtocolConfig:
     trusted_proxies: tuple[str, ...]
     timeout_ms: int = 50
+
+
+@attrs.frozen
+class MetricsConfig:
+    """Beyond rpxy: ``[experimental.metrics]``, the Prometheus endpoint on its own listener."""
+
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 9100
+    path: str = "/metrics"
 
 
 @attrs.frozen
@@ -127,6 +142,7 @@ class ExperimentalConfig:
     cache: CacheConfig | None = None
     acme: AcmeConfig | None = None
     tcp_recv_proxy_protocol: ProxyProtocolConfig | None = None
+    metrics: MetricsConfig | None = None
 
 
 @attrs.frozen
@@ -160,6 +176,12 @@ class Config:
     upstream_connect_timeout: float = 10.0
     # Beyond rpxy: seconds between checks of the certificate files for changes (rpxy: fixed 60).
     certificate_poll_interval: float = 60.0
+    # Beyond rpxy: on SIGTERM, seconds that requests in flight get to finish before their
+    # connections are cut (listeners close and idle connections close at once).
+    graceful_shutdown_timeout: float = 30.0
+    # Beyond rpxy: worker processes sharing the listening sockets (SO_REUSEPORT); read at
+    # start by the `rpxy` command (docs/operations.md#workers).
+    workers: int = 1
 
     @property
     def https_port_for_clients(self) -> int | None:

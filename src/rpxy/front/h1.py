@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rpxy.front.h2 import PREFACE, H2Session
-from rpxy.deadline import LazyDeadline
+from rpxy.deadline import SEND_STALL_TIMEOUT, LazyDeadline
 from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
 from rpxy.netio import write_now
 from rpxy.pipeline import requested_upgrade, send_local_response
@@ -50,6 +50,15 @@ MAX_HEADER_BLOCK = 64 * 1024
 #: An early-answered request body smaller than this is read and discarded to keep the connection.
 MAX_DISCARD = 1024 * 1024
 LINGER_SECONDS = 2.0
+#: Slow request bodies (beyond rpxy, as Apache's mod_reqtimeout "body=20,MinRate=500"): the
+#: body must arrive within 20 s plus 1 s per 500 bytes received; time the proxy itself holds
+#: the client back (backpressure, pipelining) does not count.
+BODY_TIMEOUT = 20.0
+BODY_MIN_RATE = 500.0
+#: At max_clients, the connection that has waited longest for a request head (a slowloris
+#: socket, an idle keep-alive client) is closed to admit a new client, however short its
+#: wait: an attacker reconnecting as fast as it is evicted must not keep every slot young.
+EVICT_AFTER = 0.0
 
 _PAUSE_PIPELINE = 1
 _PAUSE_UPSTREAM = 2
@@ -159,7 +168,6 @@ class _Cycle:
 
     # ResponseSink
     def send_head(self, status: int, headers: Headers) -> None:
-        connection = self.connection
         self.response_started = True
         head = self.head
         no_body = self.is_head or status in _NO_BODY_STATUS or status < 200
@@ -237,7 +245,7 @@ class _Cycle:
     def register_producer(self, producer: IPushProducer) -> None:
         if not self.producer_registered:
             self.producer_registered = True
-            self.connection.transport.registerProducer(producer, True)
+            self.connection.transport.registerProducer(_SendWatch(self.connection, producer), True)
 
     def unregister_producer(self) -> None:
         if self.producer_registered:
@@ -246,6 +254,29 @@ class _Cycle:
 
     def start_tunnel(self, upstream: TunnelEnd) -> TunnelEnd:
         return self.connection._start_tunnel(upstream)
+
+
+@implementer(IPushProducer)
+class _SendWatch:
+    """The upstream as the client transport's producer, telling the connection when the
+    client stops taking data (for the send-stall deadline)."""
+
+    __slots__ = ("connection", "producer")
+
+    def __init__(self, connection: H1Connection, producer: IPushProducer) -> None:
+        self.connection = connection
+        self.producer = producer
+
+    def pauseProducing(self) -> None:
+        self.connection.send_paused()
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.connection.send_resumed()
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
 
 
 class _ClientTunnelEnd:
@@ -320,6 +351,12 @@ class H1Connection(Protocol):
         self.deadline = LazyDeadline(self.reactor, self._deadline_passed)
         self.hard_deadline_call = None
         self.linger_call = None
+        #: The request whose body is being read, when the body deadline applies; the
+        #: deadline's origin (moved later by time spent paused) and when a pause began.
+        self.body_cycle: _Cycle | None = None
+        self.body_start = 0.0
+        self.body_paused_at: float | None = None
+        self.send_deadline: LazyDeadline | None = None
         self.url = b""
         self.headers: Headers = []
         self.header_total = 0
@@ -333,6 +370,8 @@ class H1Connection(Protocol):
         self.sniffing = True
         self.sniffed = b""
         self.h2: H2Session | None = None
+        #: Graceful shutdown (drain()): answer what was asked, then close.
+        self.draining = False
 
     # -- connection lifecycle -----------------------------------------------------
 
@@ -341,9 +380,11 @@ class H1Connection(Protocol):
         peer = transport.getPeer()
         local = transport.getHost()
         if self.factory.tls:
-            self.conn = ConnectionInfo(peer.host, peer.port, local.port, tls=True, sni=connection_sni(transport))
+            self.conn = ConnectionInfo(
+                peer.host, peer.port, local.port, tls=True, sni=connection_sni(transport), local_ip=local.host
+            )
         else:
-            self.conn = ConnectionInfo(peer.host, peer.port, local.port)
+            self.conn = ConnectionInfo(peer.host, peer.port, local.port, local_ip=local.host)
         config = self.factory.holder.current.config
         if not self.factory.admit(peer.host, config.max_clients, config.max_clients_per_ip):
             log.info("connection from {peer} refused: client limit reached", peer=peer.host)
@@ -351,6 +392,8 @@ class H1Connection(Protocol):
             transport.abortConnection()
             return
         self.counted = True
+        self.factory.connections.add(self)
+        self.factory.waiting_start(self)
         try:
             transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
@@ -360,13 +403,20 @@ class H1Connection(Protocol):
         hard = config.experimental.connection_handling_timeout
         if hard > 0:
             self.hard_deadline_call = self.reactor.callLater(hard, self._hard_timeout)
+        if self.factory.draining:
+            self.drain()  # its TLS handshake finished while the proxy shuts down
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.factory.connections.discard(self)
         if self.counted:
             self.counted = False
             self.factory.release(self.conn.peer_ip)
+        self.factory.waiting_end(self)
         self.closing = True
         self.deadline.cancel()
+        self.body_cycle = None
+        if self.send_deadline is not None:
+            self.send_deadline.cancel()
         for call in (self.hard_deadline_call, self.linger_call):
             if call is not None and call.active():
                 call.cancel()
@@ -453,6 +503,7 @@ class H1Connection(Protocol):
         """Become the carrier of an HTTP/2 session: this object keeps counting the client and
         enforcing connection_handling_timeout; every byte goes to the session."""
         self.deadline.clear()
+        self.factory.waiting_end(self)
         self.parser = None
         self.h2 = H2Session(self.pipeline, self.reactor, self.conn, self.transport, self.factory.holder.current.config)
         self.h2.start(data)
@@ -494,6 +545,7 @@ class H1Connection(Protocol):
     def on_headers_complete(self) -> None:
         self.in_headers = False
         self.deadline.clear()
+        self.factory.waiting_end(self)
         parser = self.parser
         cycle = self.reading
         method = parser.get_method()
@@ -517,7 +569,7 @@ class H1Connection(Protocol):
         cycle.content_length = content_length
         cycle.body_expected = chunked or bool(content_length)
         cycle.body_done = not cycle.body_expected
-        cycle.keep_alive = parser.should_keep_alive()
+        cycle.keep_alive = parser.should_keep_alive() and not self.draining
         cycle.is_head = method == b"HEAD"
         if parser.should_upgrade():
             token = requested_upgrade(headers) if version == b"1.1" else None
@@ -536,6 +588,8 @@ class H1Connection(Protocol):
             cycle.expect_continue = version == b"1.1" and cycle.body_expected
         if cycle.body_expected:
             cycle.pending = []
+            if not cycle.upgrade:
+                self._start_body_deadline(cycle)
         if self.active is None:
             self._dispatch(cycle)
         else:
@@ -547,6 +601,8 @@ class H1Connection(Protocol):
         if cycle is None:
             return
         cycle.body_received += len(body)
+        if cycle is self.body_cycle and self.body_paused_at is None:
+            self.deadline.set(self.body_start + BODY_TIMEOUT + cycle.body_received / BODY_MIN_RATE)
         if cycle.response_done:
             if cycle.body_received > MAX_DISCARD:
                 self._close(linger=True)
@@ -562,6 +618,9 @@ class H1Connection(Protocol):
         if cycle is self.declined_upgrade and cycle is not None and not cycle.body_done:
             return  # llhttp ends the message at the Upgrade; its body follows (_parser_upgrade)
         self.reading = None
+        if cycle is not None and cycle is self.body_cycle:
+            self.body_cycle = None
+            self.deadline.clear()
         if cycle is None or cycle.head is None:
             return
         if not cycle.body_done:
@@ -630,7 +689,11 @@ class H1Connection(Protocol):
                 self._resume(_PAUSE_PIPELINE)
             self._dispatch(cycle)
         elif self.reading is None:
+            if self.draining:
+                self._close(linger=False)
+                return
             self.deadline.set_after(IDLE_TIMEOUT)
+            self.factory.waiting_start(self)
 
     def _protocol_error(self, status: int, why: str) -> None:
         """Malformed or over-limit input: answer ``status`` in turn, then close."""
@@ -639,6 +702,7 @@ class H1Connection(Protocol):
         log.debug("bad request from {peer}: {why}", peer=self.conn.peer_ip if self.conn else "?", why=why)
         self.in_headers = False
         self.deadline.clear()
+        self.body_cycle = None
         reading = self.reading
         cycle = _Cycle(self)
         cycle.head = reading.head if reading is not None and reading.head is not None else None
@@ -723,11 +787,38 @@ class H1Connection(Protocol):
         self._tunnel_cycle = cycle
         return client_end
 
+    # -- graceful shutdown ---------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Graceful shutdown: an idle connection closes now; one with a request in flight
+        answers it (with ``Connection: close`` when its head is not sent yet) and then closes.
+        HTTP/2 gets GOAWAY(NO_ERROR). A WebSocket tunnel is left to the shutdown deadline."""
+        if self.closing or self.draining:
+            return
+        self.draining = True
+        if self.h2 is not None:
+            self.h2.drain()
+            return
+        if self.tunnel_upstream is not None:
+            return
+        if self.active is None and self.reading is None and not self.queue:
+            self._close(linger=False)
+            return
+        # The last request received says Connection: close: the ones before it (pipelined,
+        # already read) are answered first. A head still arriving gets it when it completes.
+        last = self.reading or (self.queue[-1] if self.queue else self.active)
+        if last is not None:
+            last.keep_alive = False
+
     # -- flow control, timers, closing --------------------------------------------------
 
     def _pause(self, why: int) -> None:
         if not self.paused:
             self.transport.pauseProducing()
+            if self.body_cycle is not None and self.body_paused_at is None:
+                # We hold the client back: that time is not the client's slowness.
+                self.body_paused_at = self.reactor.seconds()
+                self.deadline.clear()
         self.paused |= why
 
     def _resume(self, why: int) -> None:
@@ -735,13 +826,72 @@ class H1Connection(Protocol):
             self.paused &= ~why
             if not self.paused and not self.closing:
                 self.transport.resumeProducing()
+                paused_at = self.body_paused_at
+                cycle = self.body_cycle
+                if paused_at is not None and cycle is not None:
+                    self.body_paused_at = None
+                    self.body_start += self.reactor.seconds() - paused_at
+                    self.deadline.set(self.body_start + BODY_TIMEOUT + cycle.body_received / BODY_MIN_RATE)
+
+    def _start_body_deadline(self, cycle: _Cycle) -> None:
+        self.body_cycle = cycle
+        self.body_start = self.reactor.seconds()
+        if self.paused:
+            self.body_paused_at = self.body_start
+        else:
+            self.body_paused_at = None
+            self.deadline.set(self.body_start + BODY_TIMEOUT)
 
     def _deadline_passed(self) -> None:
         if self.closing:
             return
+        cycle = self.body_cycle
+        if cycle is not None:
+            elapsed = self.reactor.seconds() - self.body_start
+            log.info(
+                "request body from {peer} too slow ({received} bytes in {elapsed:.0f} s); closing",
+                peer=self.conn.peer_ip,
+                received=cycle.body_received,
+                elapsed=elapsed,
+            )
+            self.closing = True
+            self.transport.abortConnection()
+            return
         if self.in_headers:
             log.info("request head from {peer} not received in time", peer=self.conn.peer_ip)
         self._close(linger=False)
+
+    # -- slow readers: a response the client does not take -----------------------
+
+    def send_paused(self) -> None:
+        """The client's transport stopped taking our writes (its buffers are full)."""
+        deadline = self.send_deadline
+        if deadline is None:
+            deadline = self.send_deadline = LazyDeadline(self.reactor, self._send_stalled)
+        if deadline.when is None:
+            deadline.set_after(SEND_STALL_TIMEOUT)
+
+    def send_resumed(self) -> None:
+        if self.send_deadline is not None:
+            self.send_deadline.clear()
+
+    def _send_stalled(self) -> None:
+        if self.closing:
+            return
+        log.info("response to {peer} not read for {seconds:.0f} s; closing", peer=self.conn.peer_ip, seconds=SEND_STALL_TIMEOUT)
+        self.closing = True
+        self.transport.abortConnection()
+
+    def evict(self) -> None:
+        """Closed to admit a new client at max_clients (it was waiting for a request head)."""
+        log.info("connection from {peer} closed to admit a new client (max_clients reached)", peer=self.conn.peer_ip)
+        if self.counted:
+            self.counted = False
+            self.factory.release(self.conn.peer_ip)
+        self.factory.waiting_end(self)
+        self.closing = True
+        self.deadline.clear()
+        self.transport.abortConnection()
 
     def _hard_timeout(self) -> None:
         self.hard_deadline_call = None
@@ -783,21 +933,56 @@ class H1Factory(Factory):
         self.tls = tls
         self.active = 0
         self.per_ip: dict[str, int] = {}
+        #: Counted connections waiting for a request head, oldest wait first (eviction order).
+        self.waiting: dict[H1Connection, float] = {}
+        #: Open (counted) connections, for a graceful shutdown to drain.
+        self.connections: set[H1Connection] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        """Graceful shutdown: every open connection finishes what is in flight, then closes;
+        one that starts from now on (its TLS handshake was in progress) closes once idle."""
+        self.draining = True
+        for connection in list(self.connections):
+            connection.drain()
 
     def buildProtocol(self, addr) -> H1Connection:  # type: ignore[override]
         return H1Connection(self)
 
     def admit(self, ip: str, max_clients: int, max_per_ip: int) -> bool:
-        """Count a new connection unless it would exceed a limit."""
-        if max_clients and self.active >= max_clients:
+        """Count a new connection unless it would exceed a limit.
+
+        At ``max_clients``, the connection that has waited longest for a request head is
+        closed to make room: slow-header attackers and idle keep-alive clients cannot lock
+        legitimate clients out (as nginx reuses idle keep-alive connections when it runs
+        out). Connections with a request in flight are never closed for this.
+        """
+        count = self.per_ip.get(ip, 0) if max_per_ip else 0
+        if max_per_ip and count >= max_per_ip:
+            return False
+        if max_clients and self.active >= max_clients and not self._evict_one():
             return False
         if max_per_ip:
-            count = self.per_ip.get(ip, 0)
-            if count >= max_per_ip:
-                return False
             self.per_ip[ip] = count + 1
         self.active += 1
         return True
+
+    def _evict_one(self) -> bool:
+        if not self.waiting:
+            return False
+        connection, since = next(iter(self.waiting.items()))
+        if self.reactor.seconds() - since < EVICT_AFTER:
+            return False
+        connection.evict()
+        return True
+
+    def waiting_start(self, connection: H1Connection) -> None:
+        waiting = self.waiting
+        waiting.pop(connection, None)
+        waiting[connection] = self.reactor.seconds()
+
+    def waiting_end(self, connection: H1Connection) -> None:
+        self.waiting.pop(connection, None)
 
     def release(self, ip: str) -> None:
         self.active -= 1

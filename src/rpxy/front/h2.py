@@ -49,8 +49,6 @@ the RFC asks for (``h2`` chooses the code) and the connection is closed.
 
 from __future__ import annotations
 
-import base64
-import os
 import re
 import struct
 from collections import deque
@@ -94,12 +92,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from rpxy.deadline import LazyDeadline
+from rpxy.deadline import SEND_STALL_TIMEOUT, LazyDeadline
+from rpxy.front.extended import prepare_stream_request
 from rpxy.message import ConnectionInfo, Headers, HttpError, RequestHead
 from rpxy.netio import write_now
 from rpxy.pipeline import send_local_response
-from rpxy.policy.validate import check_request_head
-from rpxy.streams import TunnelPauser
+from rpxy.streams import StreamTunnelEnd, TunnelPauser
 
 if TYPE_CHECKING:
     from rpxy.config.model import Config
@@ -142,6 +140,8 @@ CONTROL_RATE = 100.0
 MAX_CONTROL_WHILE_BLOCKED = 16 * 1024
 #: While the client is not reading: other output we queue before we stop reading it too.
 MAX_OUTPUT_WHILE_BLOCKED = 64 * 1024
+#: ``H2Session.goaway_last`` before a graceful shutdown: above any stream id.
+_NO_GOAWAY = 2**31
 #: After our GOAWAY, how long the client gets to read it before the connection is aborted.
 CLOSE_LINGER = 2.0
 
@@ -828,7 +828,7 @@ class _Stream:
         """The upstream switched to WebSocket: this stream's DATA becomes the raw bytes both ways."""
         if not self.websocket:
             raise RuntimeError("protocol switches are relayed over HTTP/2 only for an extended CONNECT")
-        end = _StreamTunnelEnd(self)
+        end = StreamTunnelEnd(self)
         if self.closed:
             upstream.close()
             return end
@@ -948,34 +948,6 @@ class _Stream:
         self.session.stream_done(self)
 
 
-class _StreamTunnelEnd:
-    """The client's end of a WebSocket tunnel over one HTTP/2 stream (RFC 8441)."""
-
-    __slots__ = ("stream",)
-
-    def __init__(self, stream: _Stream) -> None:
-        self.stream = stream
-
-    def write(self, data: bytes) -> None:
-        stream = self.stream
-        if not stream.closed:
-            stream.send_data(data)
-            stream.flush()
-
-    def close(self) -> None:
-        """The upstream closed: END_STREAM once the held DATA is out."""
-        stream = self.stream
-        stream.tunnel = None
-        if not stream.closed:
-            stream.send_end(None)
-
-    def pause(self) -> None:
-        self.stream.pauseProducing()
-
-    def resume(self) -> None:
-        self.stream.resumeProducing()
-
-
 # -- the connection ----------------------------------------------------------------------
 
 
@@ -1032,7 +1004,10 @@ class H2Session:
         self.closing = False
         #: the client sent GOAWAY(NO_ERROR): finish its open streams, then close
         self.peer_done = False
+        #: After our graceful-shutdown GOAWAY (drain()): the last stream we answer.
+        self.goaway_last = _NO_GOAWAY
         self.deadline = LazyDeadline(self.reactor, self._deadline_passed)
+        self.send_stall: LazyDeadline | None = None
         self.close_call = None
         # On plain TCP, output is written once per reactor iteration: responses relayed in
         # one iteration share a send. (Twisted's TLS transport already batches its writes.)
@@ -1131,6 +1106,8 @@ class H2Session:
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closing = True
         self.deadline.cancel()
+        if self.send_stall is not None:
+            self.send_stall.cancel()
         for call in (self.close_call, self.write_call):
             if call is not None and call.active():
                 call.cancel()
@@ -1144,6 +1121,11 @@ class H2Session:
         self.write_blocked = True
         self.blocked_output = 0
         self.blocked_control = 0
+        # A client that takes nothing for SEND_STALL_TIMEOUT in a row is cut (slow read).
+        stall = self.send_stall
+        if stall is None:
+            stall = self.send_stall = LazyDeadline(self.reactor, self._send_stalled)
+        stall.set_after(SEND_STALL_TIMEOUT)
         for stream in self.streams.values():
             stream._pause_producer()
 
@@ -1151,6 +1133,8 @@ class H2Session:
         if not self.write_blocked or self.closing:
             return
         self.write_blocked = False
+        if self.send_stall is not None:
+            self.send_stall.clear()
         if self.read_paused:
             self.read_paused = False
             self.transport.resumeProducing()
@@ -1167,6 +1151,10 @@ class H2Session:
 
     def _on_request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
+        if stream_id > self.goaway_last:
+            # Opened before the client read our shutdown GOAWAY: it may retry it elsewhere.
+            self._reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
         try:
             method, path, authority, fields, protocol = parse_extended_request(event.headers)
         except Malformed as error:
@@ -1186,31 +1174,10 @@ class H2Session:
         stream.request_done = not body_expected
         self.streams[stream_id] = stream
         self.deadline.clear()
-        expect_continue = False
         try:
-            if method == b"CONNECT" and not websocket:
-                if protocol is not None:
-                    raise HttpError(501, "unsupported extended CONNECT :protocol")
-                raise HttpError(405, "CONNECT is not supported")
-            if websocket and not body_expected:
-                raise HttpError(400, "WebSocket CONNECT with END_STREAM")
-            content_length = check_request_head(head, http1=False)
-            if websocket:
-                if content_length is not None:
-                    raise HttpError(400, "content-length on a WebSocket CONNECT")
-                # An HTTP/2 client sends no key; the HTTP/1.1 upstream needs one.
-                key = base64.b64encode(os.urandom(16))
-                head.headers = fields = [item for item in fields if item[0] != b"sec-websocket-key"]
-                fields.append((b"sec-websocket-key", key))
-                body_expected = False
-            for name, value in fields:
-                if name == b"expect":
-                    # As for HTTP/1.1: answered here (100 below), never forwarded.
-                    if value.lower() != b"100-continue":
-                        raise HttpError(417, "unsupported expectation")
-                    expect_continue = body_expected and not websocket
-                    head.headers = fields = [item for item in fields if item[0] != b"expect"]
-                    break
+            content_length, body_expected, expect_continue = prepare_stream_request(
+                head, method, protocol, body_expected=body_expected, end_flag="END_STREAM"
+            )
         except HttpError as error:
             log.debug("bad request from {peer}: {why}", peer=self.conn.peer_ip, why=error.reason)
             send_local_response(stream, error.status)
@@ -1547,6 +1514,27 @@ class H2Session:
             stream.producer = None
             if stream.exchange is not None:
                 stream.exchange.client_gone()
+
+    def drain(self) -> None:
+        """Graceful shutdown: GOAWAY(NO_ERROR) naming the last stream taken; the streams
+        open now are answered, later ones refused, and the connection closes after the last."""
+        if self.closing or self.goaway_last != _NO_GOAWAY:
+            return
+        if not self.streams:
+            self._close(ErrorCodes.NO_ERROR)
+            return
+        last = self.goaway_last = self.h2.highest_inbound_stream_id
+        self.peer_done = True  # _maybe_idle closes after the last stream
+        self._write()
+        # Written by hand: h2's close_connection() would move the connection to CLOSED and
+        # refuse to send the responses still in flight.
+        write_now(self.transport, GoAwayFrame(0, last_stream_id=last, error_code=0).serialize())
+
+    def _send_stalled(self) -> None:
+        if self.closing:
+            return
+        log.info("HTTP/2 client {peer} read nothing for {seconds:.0f} s; closing", peer=self.conn.peer_ip, seconds=SEND_STALL_TIMEOUT)
+        self._close(ErrorCodes.NO_ERROR, abort=True)
 
     def _close(self, code: ErrorCodes | None, *, abort: bool = False) -> None:
         """End the connection: GOAWAY(``code``) unless h2 already queued one, then close."""

@@ -46,6 +46,7 @@ whole listener (the only safe choice there).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol as _TypingProtocol
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator, IReactorTime
@@ -83,6 +84,17 @@ _ALERT_UNRECOGNIZED_NAME = b"\x15\x03\x03\x00\x02\x02\x70"
 _ALERT_DECODE_ERROR = b"\x15\x03\x03\x00\x02\x02\x32"
 
 ContextsSource = SniContextMap | Callable[[], SniContextMap]
+
+#: RFC 8737: a ClientHello offering this ALPN protocol is an ACME TLS-ALPN-01 validation.
+ACME_TLS_ALPN = b"acme-tls/1"
+
+
+class AcmeHook(_TypingProtocol):
+    """What the listener asks the ACME service (:class:`rpxy.acme.AcmeService`)."""
+
+    def lookup(self, sni: str) -> AppTls | None: ...  # the served ACME certificate
+    def missing(self, sni: str) -> str | None: ...  # why a managed name has none yet
+    def challenge(self, sni: str) -> AppTls | None: ...  # TLS-ALPN-01 context while validating
 
 
 def _provider(contexts: ContextsSource) -> Callable[[], SniContextMap]:
@@ -154,6 +166,11 @@ class TlsServerFactory(Factory):
         self.on_failure = on_failure or _log_failure
         self.creator = SniConnectionCreator(self.contexts)
         self.tls_factory = TLSMemoryBIOFactory(self.creator, False, app_factory, clock=reactor)
+        #: Set by the service when apps use ACME: serves ACME certificates and
+        #: TLS-ALPN-01 challenges (names the static map does not know).
+        self.acme: AcmeHook | None = None
+        #: Completed handshakes so far (read by rpxy.metrics at scrape time).
+        self.handshakes_completed = 0
 
     def doStart(self) -> None:
         super().doStart()
@@ -224,7 +241,21 @@ class _TlsFront(Protocol):
         if hello.raw_sni is None:
             self._refuse(NO_SNI, "the ClientHello has no server name (SNI)", _ALERT_UNRECOGNIZED_NAME)
             return
-        entry = self.factory.contexts().lookup_normalized(hello.sni) if hello.sni is not None else None
+        acme = self.factory.acme
+        if acme is not None and hello.sni is not None:
+            if ACME_TLS_ALPN in hello.alpn:
+                self._start_challenge(acme.challenge(hello.sni), hello.sni, hello.raw_sni, buffer)
+                return
+            entry = acme.lookup(hello.sni)
+            if entry is None:
+                entry = self.factory.contexts().lookup_normalized(hello.sni)
+            if entry is None:
+                missing = acme.missing(hello.sni)
+                if missing is not None:
+                    self._refuse(UNKNOWN_SNI, missing, _ALERT_UNRECOGNIZED_NAME)
+                    return
+        else:
+            entry = self.factory.contexts().lookup_normalized(hello.sni) if hello.sni is not None else None
         if entry is None:
             self._refuse(UNKNOWN_SNI, "no app serves this server name", _ALERT_UNRECOGNIZED_NAME)
             return
@@ -246,8 +277,18 @@ class _TlsFront(Protocol):
 
     # -- internals ------------------------------------------------------------------
 
-    def _start_tls(self, entry: AppTls, sni: str, raw_sni: bytes, buffer: bytes) -> None:
-        app_protocol = self.factory.app_factory.buildProtocol(self.addr)
+    def _start_challenge(self, entry: AppTls | None, sni: str, raw_sni: bytes, buffer: bytes) -> None:
+        """An ``acme-tls/1`` handshake: the challenge certificate, then nothing (RFC 8737)."""
+        if entry is None:
+            self._refuse(UNKNOWN_SNI, "acme-tls/1 offered for a name with no ACME validation in progress",
+                         _ALERT_UNRECOGNIZED_NAME)
+            return
+        self.entry = entry
+        self._start_tls(entry, sni, raw_sni, buffer, app_protocol=_AcmeChallengeProtocol())
+
+    def _start_tls(self, entry: AppTls, sni: str, raw_sni: bytes, buffer: bytes, app_protocol=None) -> None:
+        if app_protocol is None:
+            app_protocol = self.factory.app_factory.buildProtocol(self.addr)
         if app_protocol is None:
             self.finished = True
             self._cancel_timeout()
@@ -290,6 +331,7 @@ class _TlsFront(Protocol):
 
     def _handshake_done(self) -> None:
         self.finished = True
+        self.factory.handshakes_completed += 1
         self._cancel_timeout()
 
     def _tls_lost(self, reason) -> None:
@@ -348,3 +390,14 @@ class _HandshakeObserver(Protocol):
         self.connected = 0
         self.front._tls_lost(reason)
         self.app.connectionLost(reason)
+
+
+@implementer(IHandshakeListener)
+class _AcmeChallengeProtocol(Protocol):
+    """The application side of a TLS-ALPN-01 validation: close once the handshake is done."""
+
+    def handshakeCompleted(self) -> None:
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.loseConnection()

@@ -665,6 +665,7 @@ class H2UpstreamPool:
         connect_timeout: float = 10.0,
         idle_timeout: float = 15.0,
         endpoint=None,
+        preamble: bytes | None = None,
     ) -> None:
         self.upstream = upstream
         self.reactor = reactor
@@ -672,7 +673,9 @@ class H2UpstreamPool:
         self.connections: list[H2ClientConnection] = []
         #: Connects in flight, each with the requests waiting for it.
         self._connecting: list[list[Waiter]] = []
-        self._endpoint = endpoint if endpoint is not None else _endpoint(reactor, upstream, connect_timeout, alpn=[b"h2"])
+        if endpoint is None:
+            endpoint = _endpoint(reactor, upstream, connect_timeout, alpn=[b"h2"], preamble=preamble)
+        self._endpoint = endpoint
         self._factory = _Factory(self)
         self._closed = False
 
@@ -700,9 +703,7 @@ class H2UpstreamPool:
 
     def _connected(self, connection: H2ClientConnection, waiters: list[Waiter]) -> None:
         self._remove_attempt(waiters)
-        if self._closed:
-            connection.close()
-        else:
+        if not self._closed:
             self.connections.append(connection)
         for index, (on_ready, on_error) in enumerate(waiters):
             if connection.has_room():
@@ -713,6 +714,10 @@ class H2UpstreamPool:
                 for ready, error in rest:
                     self.acquire(ready, error)
                 break
+        if self._closed:
+            # A pool retired by a reload still serves the requests that were waiting
+            # (closing first would send them round a connect loop); it closes after them.
+            connection.close()
         if not connection.streams and not connection.reserved:
             connection._maybe_idle()
 

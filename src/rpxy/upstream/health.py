@@ -173,12 +173,15 @@ class _Attempt:
 
 
 class _TcpProbe(Protocol):
-    def __init__(self, attempt: _Attempt) -> None:
+    def __init__(self, attempt: _Attempt, preamble: bytes = b"") -> None:
         self.attempt = attempt
+        self.preamble = preamble
 
     def connectionMade(self) -> None:
         # Connected: that is the whole check. finish() aborts the transport.
         self.attempt.transport = self.transport
+        if self.preamble:
+            self.transport.write(self.preamble)
         self.attempt.finish(True, "connected")
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -269,6 +272,7 @@ class HealthChecker(Service):
         reactor: Any,
         *,
         log: Logger | None = None,
+        preamble: bytes = b"",
     ) -> None:
         if len(upstreams) != len(states):
             raise ValueError("one HealthState per upstream")
@@ -283,6 +287,10 @@ class HealthChecker(Service):
         self._calls: dict[int, IDelayedCall] = {}
         self._attempts: dict[int, _Attempt] = {}
         self._tls_options: dict[int, Any] = {}
+        #: Sent first on cleartext checks of upstreams that require a PROXY header
+        #: (send_proxy_protocol_v1/v2): "PROXY UNKNOWN" / a v2 LOCAL header, as for any
+        #: connection of the proxy's own.
+        self.preamble = preamble
         self._requests: list[bytes] = [
             (
                 f"GET {config.path} HTTP/1.1\r\nHost: {u.location}\r\n"
@@ -327,6 +335,8 @@ class HealthChecker(Service):
         try:
             if self.config.type == "http":
                 request = self._requests[index]
+                if not upstream.tls:
+                    request = self.preamble + request
                 expected = self.config.expected_status
                 factory = _ProbeFactory(attempt, lambda a: _HttpProbe(a, request, expected))
                 if upstream.tls:
@@ -338,7 +348,8 @@ class HealthChecker(Service):
                     )
                     return
             else:
-                factory = _ProbeFactory(attempt, _TcpProbe)
+                preamble = self.preamble
+                factory = _ProbeFactory(attempt, lambda a: _TcpProbe(a, preamble))
             self.reactor.connectTCP(
                 upstream.host, upstream.port, factory, timeout=self.config.timeout
             )

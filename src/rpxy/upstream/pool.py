@@ -19,7 +19,9 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rpxy.config.model import UpstreamConfig
 from rpxy.netio import socket_below
@@ -28,8 +30,45 @@ from rpxy.upstream.h1client import UpstreamConnection
 log = Logger()
 
 
+@implementer(IStreamClientEndpoint)
+class _PreambleEndpoint:
+    """Writes ``preamble`` (a PROXY protocol header) on the raw TCP connection first.
+
+    It sits under TLS (``wrapClientTLS`` wraps this endpoint), so the header precedes the
+    ClientHello as the PROXY protocol requires; the protocol ``connect`` fires with is the
+    caller's own, not the wrapper.
+    """
+
+    def __init__(self, inner: IStreamClientEndpoint, preamble: bytes) -> None:
+        self.inner = inner
+        self.preamble = preamble
+
+    def connect(self, factory):  # type: ignore[no-untyped-def]
+        wrapping = _PreambleFactory(factory, self.preamble)
+        return self.inner.connect(wrapping).addCallback(lambda wrapper: wrapper.wrappedProtocol)
+
+
+class _PreambleProtocol(ProtocolWrapper):
+    def makeConnection(self, transport) -> None:  # type: ignore[no-untyped-def]
+        transport.write(self.factory.preamble)
+        super().makeConnection(transport)
+
+
+class _PreambleFactory(WrappingFactory):
+    protocol = _PreambleProtocol
+    noisy = False
+
+    def __init__(self, wrapped, preamble: bytes) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(wrapped)
+        self.preamble = preamble
+
+
 def _endpoint(
-    reactor, upstream: UpstreamConfig, connect_timeout: float, alpn: list[bytes] | None = None
+    reactor,
+    upstream: UpstreamConfig,
+    connect_timeout: float,
+    alpn: list[bytes] | None = None,
+    preamble: bytes | None = None,
 ) -> IStreamClientEndpoint:
     try:
         address = ipaddress.ip_address(upstream.host)
@@ -40,6 +79,8 @@ def _endpoint(
             endpoint = TCP4ClientEndpoint(reactor, upstream.host, upstream.port, timeout=connect_timeout)
         else:
             endpoint = TCP6ClientEndpoint(reactor, upstream.host, upstream.port, timeout=connect_timeout)
+    if preamble:
+        endpoint = _PreambleEndpoint(endpoint, preamble)
     if upstream.tls:
         trust_root = None
         if upstream.ca_cert_path:
@@ -93,13 +134,14 @@ class UpstreamPool:
         connect_timeout: float = 10.0,
         idle_timeout: float = 15.0,
         max_idle: int = 128,
+        preamble: bytes | None = None,
     ) -> None:
         self.upstream = upstream
         self.reactor = reactor
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self._idle: list[UpstreamConnection] = []
-        self._endpoint = _endpoint(reactor, upstream, connect_timeout)
+        self._endpoint = _endpoint(reactor, upstream, connect_timeout, preamble=preamble)
         self._factory = _ConnectionFactory(self)
         self._sweeper = None
         self._closed = False

@@ -12,6 +12,8 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Configuration file path like ./config.toml"],
         ["log-dir", "l", None, "Directory for access.log (system log goes to twistd's log)"],
+        ["config-watch", None, "auto", "How to notice config changes: auto (inotify + stat poll), poll, none"],
+        ["config-poll-interval", None, 2.0, "Seconds between stat checks of the config file", float],
     ]
 
     def postOptions(self) -> None:
@@ -19,6 +21,10 @@ class Options(usage.Options):
 
         if not self["config"]:
             raise usage.UsageError("--config is required")
+        if self["config-watch"] not in ("auto", "poll", "none"):
+            raise usage.UsageError("--config-watch must be auto, poll or none")
+        if not self["config-poll-interval"] > 0:
+            raise usage.UsageError("--config-poll-interval must be positive")
         from rpxy.state import build_tls_contexts
 
         try:
@@ -37,9 +43,26 @@ class RpxyServiceMaker:
     def makeService(self, options: Options):
         from twisted.internet import reactor
 
+        from rpxy.reload import install_sighup
         from rpxy.service import make_service
 
-        return make_service(options["config"], reactor=reactor, log_dir=options["log-dir"], loaded=options.loaded)
+        service = make_service(
+            options["config"],
+            reactor=reactor,
+            log_dir=options["log-dir"],
+            loaded=options.loaded,
+            config_watch=options["config-watch"],
+            config_poll_interval=options["config-poll-interval"],
+        )
+        # SIGHUP re-reads the config (twistd rotates its log on SIGUSR1, not SIGHUP).
+        reactor.callWhenRunning(install_sighup, reactor, lambda: service.reload(force=True, reason="SIGHUP"))
+        # SIGTERM/SIGINT: a graceful stop (rpxy.shutdown) that twist/twistd end with exit status 0;
+        # installed now (a signal while starting) and again after the reactor's own handlers.
+        from rpxy.shutdown import install_shutdown_signals
+
+        install_shutdown_signals(reactor, service.force_stop)
+        reactor.callWhenRunning(install_shutdown_signals, reactor, service.force_stop)
+        return service
 
 
 serviceMaker = RpxyServiceMaker()
