@@ -502,7 +502,7 @@ def proxy_command(
             **tls,
         )
         argv = [*shlex.split(env.args.rpxy_cmd), "--config", str(conf)]
-        if env.args.rpxy_workers > 1:
+        if getattr(env.args, "rpxy_workers", 1) > 1:
             argv += ["--workers", str(env.args.rpxy_workers)]  # a supervisor + N workers (SO_REUSEPORT)
         if not env.args.rpxy_no_log_dir:
             log_dir = tmp / f"rpxy-logs-{tag}"
