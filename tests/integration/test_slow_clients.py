@@ -85,6 +85,7 @@ def test_slowloris_with_twice_max_clients_sockets_does_not_lock_out_clients(orig
         attack.wait(10)
         proxy.stop()
     ok = sum(results)
+    print(f"slowloris ({2 * max_clients} sockets, {SLOWLORIS_SECONDS:.0f} s): {ok}/{len(results)} probes served")
     assert len(results) >= SLOWLORIS_SECONDS * 5
     assert ok / len(results) >= 0.99, f"{ok}/{len(results)} probes served"
     log = proxy.system_log()
