@@ -542,3 +542,25 @@ def test_a_request_pipelined_behind_a_closing_answer_never_reaches_the_pipeline(
     assert [exchange.head.path for exchange in pipeline.exchanges] == [b"/x"]
     assert closed(transport)
     assert transport.value().count(b"HTTP/1.1 ") == 1
+
+
+def test_a_response_that_ended_while_paused_is_not_cut_as_a_stall(env):
+    # Once the upstream is unregistered the transport reports no progress: the stall deadline
+    # must not cut a client still reading the buffered tail.
+    factory, pipeline, clock = env
+    protocol, transport = connect(factory)
+    protocol.dataReceived(GET)
+    exchange = pipeline.exchanges[0]
+    exchange.sink.send_head(200, [(b"content-length", b"2")])
+    exchange.sink.register_producer(RecordingProducer())
+    watch = transport.producer
+    watch.pauseProducing()
+    exchange.sink.send_data(b"ok")
+    exchange.sink.send_end(None)  # unregisters the upstream
+    clock.advance(19)
+    protocol.dataReceived(GET)  # the next request on the keep-alive connection
+    clock.advance(5)
+    assert not closed(transport)
+    second = pipeline.exchanges[1]
+    second.sink.register_producer(RecordingProducer())
+    assert transport.producer is watch  # one watch per connection, not one per response

@@ -245,12 +245,23 @@ class _Cycle:
     def register_producer(self, producer: IPushProducer) -> None:
         if not self.producer_registered:
             self.producer_registered = True
-            self.connection.transport.registerProducer(_SendWatch(self.connection, producer), True)
+            connection = self.connection
+            watch = connection.send_watch
+            if watch is None:
+                watch = connection.send_watch = _SendWatch(connection)
+            watch.producer = producer  # one watch per connection: one response at a time
+            connection.transport.registerProducer(watch, True)
 
     def unregister_producer(self) -> None:
         if self.producer_registered:
             self.producer_registered = False
-            self.connection.transport.unregisterProducer()
+            connection = self.connection
+            connection.transport.unregisterProducer()
+            # Without a producer the transport no longer reports progress: a stall deadline
+            # left armed could cut a client still reading the tail of the response.
+            connection.send_resumed()
+            if connection.send_watch is not None:
+                connection.send_watch.producer = None
 
     def start_tunnel(self, upstream: TunnelEnd) -> TunnelEnd:
         return self.connection._start_tunnel(upstream)
@@ -263,20 +274,23 @@ class _SendWatch:
 
     __slots__ = ("connection", "producer")
 
-    def __init__(self, connection: H1Connection, producer: IPushProducer) -> None:
+    def __init__(self, connection: H1Connection) -> None:
         self.connection = connection
-        self.producer = producer
+        self.producer: IPushProducer | None = None
 
     def pauseProducing(self) -> None:
         self.connection.send_paused()
-        self.producer.pauseProducing()
+        if self.producer is not None:
+            self.producer.pauseProducing()
 
     def resumeProducing(self) -> None:
         self.connection.send_resumed()
-        self.producer.resumeProducing()
+        if self.producer is not None:
+            self.producer.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.producer.stopProducing()
+        if self.producer is not None:
+            self.producer.stopProducing()
 
 
 class _ClientTunnelEnd:
@@ -357,6 +371,7 @@ class H1Connection(Protocol):
         self.body_start = 0.0
         self.body_paused_at: float | None = None
         self.send_deadline: LazyDeadline | None = None
+        self.send_watch: _SendWatch | None = None
         self.url = b""
         self.headers: Headers = []
         self.header_total = 0
