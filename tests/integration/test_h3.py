@@ -1,7 +1,7 @@
 """HTTP/3 through the real rpxy process, with qh3's own client (tests/support/h3client.py).
 
 One proxy (module scope) serves two TLS apps on one port number (TCP for h1/h2, UDP
-for h3) plus an mTLS app (refused over QUIC), each app with its own origin so that the
+for h3) plus an mTLS app (served over QUIC with client certificates, beyond rpxy), each app with its own origin so that the
 origin's name in ``/echo`` proves which app answered. A second proxy with a 1 s
 ``max_idle_timeout`` proves the idle close.
 """
@@ -158,17 +158,58 @@ def test_host_other_than_sni_is_421(proxy, pki):
     assert run(go()).status == 421
 
 
-def test_unknown_sni_and_mtls_app_are_refused_and_logged(proxy, pki):
+def test_unknown_sni_is_refused_and_logged(proxy, pki):
     async def go(name):
         async with client(proxy, pki, name) as c:
             return await c.get("/echo/x")
 
     with pytest.raises(Exception):
         run(go("nobody.test"), timeout=20)
-    with pytest.raises(Exception):
-        run(go("mtls.test"), timeout=20)
     wait_for_log(proxy.system_log, r"QUIC handshake failed: .*sni='?nobody\.test'? category=unknown_sni")
-    wait_for_log(proxy.system_log, r"QUIC handshake failed: .*category=client_cert_unsupported_over_quic")
+
+
+# -- mTLS over QUIC (beyond rpxy, which disables HTTP/3 for these apps) ---------------------------
+
+
+def test_mtls_app_is_served_over_h3_with_a_client_certificate(proxy, pki):
+    cert, key = pki.client("h3-alice", pki.client_ca)
+
+    async def go():
+        async with client(proxy, pki, "mtls.test", client_cert=(cert, key)) as c:
+            first = await c.get("/echo/mtls")
+            second = await c.request("POST", "/echo/up", body=[b"m" * 70_000])
+            return first, second
+
+    first, second = run(go())
+    assert echo(first)["origin"] == "m"
+    assert hashlib.sha256(b"m" * 70_000).hexdigest() == echo(second)["body_sha256"]
+    # The certificate is asked for again on every connection (no resumption).
+    assert echo(run(go())[0])["origin"] == "m"
+
+
+def test_mtls_app_refuses_h3_clients_without_a_good_certificate(proxy, pki):
+    stranger = pki.client("h3-mallory", pki.foreign_ca)
+
+    async def go(client_cert):
+        async with client(proxy, pki, "mtls.test", client_cert=client_cert) as c:
+            return await c.get("/echo/x")
+
+    with pytest.raises(Exception):
+        run(go(None), timeout=20)
+    wait_for_log(proxy.system_log, r"QUIC handshake failed: .*sni=mtls\.test category=client_cert: the client sent no certificate")
+    with pytest.raises(Exception):
+        run(go(stranger), timeout=20)
+    wait_for_log(proxy.system_log, r"QUIC handshake failed: .*sni=mtls\.test category=client_cert: certificate verify failed")
+
+
+def test_mtls_app_cannot_be_reached_over_another_apps_quic_handshake(proxy, pki):
+    """Host mtls.test over a.test's handshake (no client certificate asked): 421, as on TCP."""
+
+    async def go():
+        async with client(proxy, pki, "a.test") as c:
+            return await c.get("/echo/x", authority="mtls.test")
+
+    assert run(go()).status == 421
 
 
 # -- post-quantum key exchange ------------------------------------------------------------------
@@ -214,9 +255,9 @@ def test_no_alt_svc_on_cleartext(proxy):
 # -- idle timeout --------------------------------------------------------------------------------------
 
 
-def test_idle_connection_is_closed(pki, origins, tmp_path_factory):
+def test_idle_connection_is_closed_and_stream_limits_are_advertised(pki, origins, tmp_path_factory):
     tls_port = free_port()
-    config = h3_config(pki, origins, tls_port, "max_idle_timeout = 1\n")
+    config = h3_config(pki, origins, tls_port, "max_idle_timeout = 1\nmax_concurrent_bidistream = 5\nmax_concurrent_unistream = 7\n")
     proxy = Rpxy(tmp_path_factory.mktemp("h3-idle"), config)
     proxy.tls_port = tls_port
     try:
@@ -226,6 +267,8 @@ def test_idle_connection_is_closed(pki, origins, tmp_path_factory):
         async def go():
             async with client(proxy, pki, idle_timeout=60) as c:
                 assert (await c.get("/echo/x")).status == 200
+                # The QUIC limits the client got: max_concurrent_bidistream / _unistream.
+                assert c.protocol._quic._core.stream_limits[:2] == (5, 7)
                 return await c.wait_terminated(20)
 
         terminated = run(go())

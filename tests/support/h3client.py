@@ -207,8 +207,12 @@ def websocket_frame(opcode: int, payload: bytes, mask: bytes = b"\x01\x02\x03\x0
     return header + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
 
 
-def client_configuration(server_name: str, ca_file: str | None, *, idle_timeout: float = 30.0) -> QuicConfiguration:
+def client_configuration(
+    server_name: str, ca_file: str | None, *, idle_timeout: float = 30.0, client_cert: tuple | None = None
+) -> QuicConfiguration:
     configuration = QuicConfiguration(is_client=True, alpn_protocols=["h3"], server_name=server_name, idle_timeout=idle_timeout)
+    if client_cert is not None:
+        configuration.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
     if ca_file is None:
         configuration.verify_mode = ssl.CERT_NONE
     else:
@@ -228,7 +232,9 @@ class H3Client:
         groups: Sequence[int] | None = None,
         idle_timeout: float = 30.0,
         host: str = "127.0.0.1",
+        client_cert: tuple | None = None,
     ) -> None:
+        self.client_cert = client_cert  # (certificate file, key file) for mTLS apps
         self.port = port
         self.server_name = server_name
         self.ca_file = ca_file
@@ -239,7 +245,9 @@ class H3Client:
         self.protocol: _Protocol | None = None
 
     async def __aenter__(self) -> H3Client:
-        configuration = client_configuration(self.server_name, self.ca_file, idle_timeout=self.idle_timeout)
+        configuration = client_configuration(
+            self.server_name, self.ca_file, idle_timeout=self.idle_timeout, client_cert=self.client_cert
+        )
         groups = self.groups
 
         def make_protocol(connection, **kwargs):  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from qh3.quic import events as qevents
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 from qh3.quic.packet import QuicProtocolVersion
+from qh3.tls import load_pem_private_key, load_pem_x509_certificates
 from twisted.internet.task import Clock
 
 from rpxy.config.model import H3Config
@@ -127,8 +128,8 @@ class Harness:
         self.ca = material[0]
         self.to_client_blocked = False
 
-    def client(self, name: str = "a.test", *, versions=None, tickets=None) -> Client:
-        return Client(self, name, versions=versions, tickets=tickets)
+    def client(self, name: str = "a.test", *, versions=None, tickets=None, cert=None, quic_class=None) -> Client:
+        return Client(self, name, versions=versions, tickets=tickets, cert=cert, quic_class=quic_class)
 
     def step(self, client: Client, rounds: int = 50) -> None:
         """Move datagrams both ways until nothing moves (or ``rounds``)."""
@@ -155,13 +156,17 @@ class Harness:
 
 
 class Client:
-    def __init__(self, harness: Harness, name: str, *, versions=None, tickets=None) -> None:
+    def __init__(self, harness: Harness, name: str, *, versions=None, tickets=None, cert=None, quic_class=None) -> None:
         self.harness = harness
         configuration = QuicConfiguration(is_client=True, alpn_protocols=["h3"], server_name=name)
         configuration.cadata = harness.ca.cert_pem()
+        if cert is not None:  # a tests.support.tlsgen.Leaf: the client certificate for mTLS apps
+            certs = load_pem_x509_certificates(cert.cert_pem())
+            configuration.certificate, configuration.certificate_chain = certs[0], certs[1:]
+            configuration.private_key = load_pem_private_key(cert.key_pem())
         if versions is not None:
             configuration.supported_versions = versions
-        self.quic = QuicConnection(configuration=configuration, session_ticket_handler=tickets)
+        self.quic = (quic_class or QuicConnection)(configuration=configuration, session_ticket_handler=tickets)
         self.quic.connect(SERVER, harness.clock.seconds())
         self.h3 = H3Connection(self.quic)
         self.events: list = []
@@ -280,19 +285,68 @@ def test_connect_is_405_locally(material):
     assert harness.pipeline.access_log.records == [(b"CONNECT", 405)]
 
 
-def test_streams_beyond_max_concurrent_bidistream_are_refused(material):
+def test_max_concurrent_streams_are_the_quic_stream_limits(material):
+    """Both limits reach the client as QUIC transport parameters (qh3 alone would say 100/103)."""
+    harness, client = connected(material, h3=H3Config(max_concurrent_bidistream=2, max_concurrent_unistream=4))
+    assert client.quic._core.stream_limits[:2] == (2, 4)  # what the client may open
+    sids = [client.request(b"GET", f"/{i}".encode()) for i in range(2)]
+    harness.step(client)
+    assert len(harness.pipeline.exchanges) == 2
+    # As streams end, QUIC extends the limit: "concurrent", not "per connection".
+    for round_ in range(3):
+        for exchange in harness.pipeline.exchanges[-2:]:
+            exchange.sink.send_head(204, [])
+            exchange.sink.send_end(None)
+        for _ in range(10):  # acknowledgements (delayed) let QUIC count the streams as closed
+            harness.step(client)
+            harness.clock.advance(0.05)
+        assert all(client.response(sid)[0] == 204 for sid in sids)
+        sids = [client.request(b"GET", f"/again{round_}-{i}".encode()) for i in range(2)]
+        harness.step(client)
+        assert len(harness.pipeline.exchanges) == 4 + 2 * round_
     harness, client = connected(material, h3=H3Config(max_concurrent_bidistream=2))
+    client.request(b"GET", b"/0")
+    client.request(b"GET", b"/1")
+    with pytest.raises(ValueError, match="stream limit 2"):
+        client.request(b"GET", b"/2")  # a compliant client cannot open a third
+
+
+class GreedyQuic(QuicConnection):
+    """A client that believes it may open 50 request streams whatever the server said."""
+
+    def _create_tls(self, remote_source_cid):  # type: ignore[no-untyped-def]
+        bridge = super()._create_tls(remote_source_cid)
+        parse = bridge.parse_transport_parameters
+
+        def greedy(data, **kwargs):  # type: ignore[no-untyped-def]
+            parse(data, **kwargs)
+            bridge.remote_transport_parameters.initial_max_streams_bidi = 50
+
+        bridge.parse_transport_parameters = greedy
+        return bridge
+
+
+def test_a_client_opening_streams_beyond_the_limit_is_closed_with_stream_limit_error(material):
+    harness = Harness(material, h3=H3Config(max_concurrent_bidistream=2))
+    client = harness.client(quic_class=GreedyQuic)
+    harness.step(client)
+    for i in range(3):
+        client.request(b"GET", f"/{i}".encode())
+    for _ in range(10):
+        harness.step(client)
+        harness.clock.advance(0.5)
+    assert client.terminated is not None and client.terminated.error_code == 0x4  # STREAM_LIMIT_ERROR
+    assert not harness.endpoint.sessions
+
+
+def test_streams_beyond_max_concurrent_bidistream_are_refused_by_http3_too(material):
+    """The HTTP/3 layer's own check (kept for reloads that lower the limit on open connections)."""
+    harness, client = connected(material, h3=H3Config(max_concurrent_bidistream=3))
+    harness.endpoint.max_streams = 2  # a reload lowered it; this connection's QUIC limit stays 3
     sids = [client.request(b"GET", f"/{i}".encode()) for i in range(3)]
     harness.step(client)
     assert len(harness.pipeline.exchanges) == 2
     assert client.response(sids[2])[3] == h3mod.H3_REQUEST_REJECTED
-    for exchange in harness.pipeline.exchanges:
-        exchange.sink.send_head(204, [])
-        exchange.sink.send_end(None)
-    harness.step(client)
-    sid = client.request(b"GET", b"/again")
-    harness.step(client)
-    assert len(harness.pipeline.exchanges) == 3 and client.response(sid)[3] is None
 
 
 def test_deprecated_h3_body_limit_answers_413(material):
@@ -406,11 +460,28 @@ def test_unknown_sni_fails_the_handshake(material):
     assert not harness.endpoint.sessions and not harness.endpoint.cids
 
 
-def test_mtls_app_is_refused_over_quic(material):
+def test_mtls_app_needs_a_client_certificate_over_quic(material):
     harness = Harness(material)
     client = harness.client("m.test")
+    for _ in range(20):
+        harness.step(client)
+        harness.clock.advance(0.5)  # both sides drain before the connection is forgotten
+    # TLS 1.3: the client is done once it sent its Finished; the server's answer is the close.
+    assert client.terminated is not None and client.terminated.error_code == 0x100 + 116  # certificate_required
+    assert not harness.endpoint.sessions
+
+    ca = material[0]
+    harness = Harness(material)
+    client = harness.client("m.test", cert=ca.issue(client=True, common_name="unit-client"))
     harness.step(client)
-    assert not client.handshake
+    assert client.handshake
+    (session,) = harness.endpoint.sessions
+    assert session.quic.client_certificate.subject.rfc4514_string() == "CN=unit-client"
+    sid = client.request(b"GET", b"/m")
+    harness.step(client)
+    (exchange,) = harness.pipeline.exchanges
+    assert exchange.conn.sni == "m.test" and exchange.head.path == b"/m"
+    assert sid == 0
 
 
 def test_second_app_gets_its_own_certificate(material):

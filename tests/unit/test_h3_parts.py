@@ -142,11 +142,12 @@ def test_alt_svc_value_follows_the_reference(config):
     assert alt_svc_for(cfg, cfg.app_by_name("secure"), tls=True) == b'h3=":443"; ma=60'
 
 
-def test_no_alt_svc_without_h3_tls_request_tls_app_or_with_mtls(config):
+def test_no_alt_svc_without_h3_tls_request_or_tls_app(config):
     cfg = config()
     assert alt_svc_for(cfg, cfg.app_by_name("secure"), tls=False) is None  # cleartext request
     assert alt_svc_for(cfg, cfg.app_by_name("plain"), tls=True) is None  # app without TLS
-    assert alt_svc_for(cfg, cfg.app_by_name("mutual"), tls=True) is None  # mTLS: no HTTP/3
+    # Beyond rpxy: mTLS apps are served over HTTP/3 (with client certificates), so advertised.
+    assert alt_svc_for(cfg, cfg.app_by_name("mutual"), tls=True) == b'h3=":8443"; ma=60'
     cfg = config(h3="")
     assert alt_svc_for(cfg, cfg.app_by_name("secure"), tls=True) is None  # HTTP/3 off
 
@@ -175,15 +176,23 @@ def contexts():
 
 def test_chooser_picks_by_sni_and_caches(contexts):
     chooser = CertificateChooser(lambda: contexts)
-    name, material = chooser.choose("A.Test.")
-    assert name == "a.test"
+    name, material, verifier = chooser.choose("A.Test.")
+    assert (name, verifier) == ("a.test", None)  # no client certificates for this app
     assert chooser.choose("a.test")[1] is material  # converted once per entry
     assert chooser.choose("x.wild.test")[0] == "x.wild.test"
 
 
+def test_chooser_gives_mtls_apps_their_client_verifier(contexts):
+    chooser = CertificateChooser(lambda: contexts)
+    _name, _material, verifier = chooser.choose("m.test")
+    assert verifier is not None
+    assert verifier.authorities == contexts.lookup_normalized("m.test").client_cas
+    assert chooser.choose("m.test")[2] is verifier  # built once per TLS entry (a reload makes a new one)
+
+
 @pytest.mark.parametrize(
     ("sni", "category"),
-    [(None, "no_sni"), ("", "no_sni"), ("nobody.test", "unknown_sni"), ("m.test", "client_cert_unsupported_over_quic")],
+    [(None, "no_sni"), ("", "no_sni"), ("nobody.test", "unknown_sni")],
 )
 def test_chooser_refusals(contexts, sni, category):
     with pytest.raises(UnusableSni) as info:

@@ -128,6 +128,9 @@ _EXPERIMENTAL_KEYS = frozenset(
         "metrics",
     }
 )
+#: The largest QUIC stream limit (RFC 9000 section 4.6).
+_MAX_QUIC_STREAMS = 1 << 60
+
 _H3_KEYS = frozenset(
     {
         "alt_svc_max_age",
@@ -778,7 +781,8 @@ class _Loader:
         if "request_max_body_size" in h3:
             self.ctx.warn("experimental.h3.request_max_body_size is deprecated; use request_max_body_size")
             body_size = h3.get_int("request_max_body_size", None, minimum=0)
-        unistreams = h3.get_int("max_concurrent_unistream", d["max_concurrent_unistream"], minimum=1)
+        # RFC 9000 section 4.6: a stream limit above 2^60 is a protocol error at the client.
+        unistreams = h3.get_int("max_concurrent_unistream", d["max_concurrent_unistream"], minimum=1, maximum=_MAX_QUIC_STREAMS)
         if unistreams < 3:
             h3.warn(
                 "max_concurrent_unistream",
@@ -790,7 +794,7 @@ class _Loader:
                 "max_concurrent_connections", d["max_concurrent_connections"], minimum=1
             ),
             max_concurrent_bidistream=h3.get_int(
-                "max_concurrent_bidistream", d["max_concurrent_bidistream"], minimum=1
+                "max_concurrent_bidistream", d["max_concurrent_bidistream"], minimum=1, maximum=_MAX_QUIC_STREAMS
             ),
             max_concurrent_unistream=unistreams,
             max_idle_timeout=h3.get_int("max_idle_timeout", d["max_idle_timeout"], minimum=0),

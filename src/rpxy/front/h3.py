@@ -412,6 +412,8 @@ class H3Session:
         try:
             self.quic.receive_datagram(data, addr, self.reactor.seconds())
             self._process()
+        except QuicConnectionError as error:
+            self._closed_by_quic(error)
         except Exception:
             log.failure("HTTP/3 connection from {peer} failed", peer=addr[0])
             self._abort_connection()
@@ -428,6 +430,8 @@ class H3Session:
         try:
             self.quic.handle_timer(self.reactor.seconds())
             self._process()
+        except QuicConnectionError as error:
+            self._closed_by_quic(error)
         except Exception:
             log.failure("HTTP/3 timer failed")
             self._abort_connection()
@@ -829,6 +833,18 @@ class H3Session:
         self.transmit()
         self._terminated(None)
 
+    def _closed_by_quic(self, error: QuicConnectionError) -> None:
+        """QUIC closed the connection (the peer broke a transport rule, e.g. opened more
+        streams than allowed) while we still acted on its last events: not our failure."""
+        core = getattr(self.quic, "_core", None)
+        why = getattr(core, "local_error", None) if core is not None else None
+        log.info(
+            "HTTP/3 connection from {peer} closed by QUIC: {why}",
+            peer=_plain_ip(self.addr[0]),
+            why=f"error {why[0]:#x}: {why[2]}" if why else str(error),
+        )
+        self._abort_connection()
+
     def _abort_connection(self) -> None:
         self._quiet(lambda: self.quic.close(error_code=H3_INTERNAL_ERROR, reason_phrase="internal error"))
         try:
@@ -1030,6 +1046,7 @@ class H3Endpoint(DatagramProtocol):
                 return
         quic = ServerQuicConnection(
             chooser=self.chooser,
+            stream_limits=(self.h3config.max_concurrent_bidistream, self.h3config.max_concurrent_unistream),
             configuration=configuration,
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,

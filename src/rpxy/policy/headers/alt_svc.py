@@ -31,8 +31,11 @@ def alt_svc_for(config: Config, app: AppConfig, *, tls: bool) -> bytes | None:
     """The Alt-Svc value for a response of ``app``, or None (rpxy's rule, in one place).
 
     Only when HTTP/3 is on (``[experimental.h3]`` with a TLS port), the request came over
-    TLS/QUIC, and the app has TLS without client certificates (HTTP/3 refuses mTLS apps).
-    The port is the one clients see: ``public_https_port``, else ``listen_port_tls``.
+    TLS/QUIC, and the app has TLS. Unlike rpxy, apps with client certificates (mTLS) get it
+    too: the QUIC port asks for client certificates as the TCP port does
+    (:mod:`rpxy.quic.client_auth`); a browser that cannot present one over QUIC falls back
+    to TCP as for any broken alternative. The port is the one clients see:
+    ``public_https_port``, else ``listen_port_tls``.
     """
     if not tls:
         return None
@@ -40,7 +43,7 @@ def alt_svc_for(config: Config, app: AppConfig, *, tls: bool) -> bytes | None:
     if h3 is None or config.listen_port_tls is None:
         return None
     app_tls = app.tls
-    if app_tls is None or app_tls.client_ca_cert_path:
+    if app_tls is None:
         return None
     port = config.https_port_for_clients
     if port is None:
