@@ -1,8 +1,11 @@
 """rpxy-style logs: ``access.log`` lines and the system log (``rpxy.log``).
 
 The access log is on the hot path, so lines are formatted with plain string
-operations, written to a buffered file and flushed on a timer instead of on every
-request; the system log goes through ``twisted.logger`` like everything else in Twisted.
+operations and gathered in memory: written once a second (or once 64 KiB are waiting,
+and at shutdown) instead of on every request, whatever the stream's own buffering
+(stdout is unbuffered under ``PYTHONUNBUFFERED``, common in containers: a write
+system call per request otherwise). The system log goes through ``twisted.logger``
+like everything else in Twisted.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from rpxy.message import ConnectionInfo, RequestHead
 from rpxy.policy.responses import reason
 
 _FLUSH_INTERVAL = 1.0
+#: Access-log text gathered before it is written without waiting for the timer.
+_MAX_PENDING = 64 * 1024
 
 
 def format_timestamp(when: float) -> str:
@@ -75,6 +80,8 @@ class AccessLog:
         self.reactor = reactor
         self.redact = redact
         self._flush_call = None
+        self._pending: list[str] = []
+        self._pending_size = 0
         self._second = -1
         self._second_text = ""
         #: rpxy.metrics.Metrics when [experimental.metrics] is on: every finished request
@@ -126,15 +133,31 @@ class AccessLog:
         if forwarded is not None:
             line += f' "{forwarded}"'
         line += f' "{upstream}"\n'
-        self.stream.write(line)
         metrics = self.metrics
         if metrics is not None:
             metrics.request(app, head.version, status, started)
+        self._pending.append(line)
+        self._pending_size += len(line)
+        if self.reactor is None or self._pending_size >= _MAX_PENDING:
+            self._write_pending()
         if self._flush_call is None and self.reactor is not None:
             self._flush_call = self.reactor.callLater(_FLUSH_INTERVAL, self.flush)
 
+    def _write_pending(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        text = "".join(pending)
+        pending.clear()
+        self._pending_size = 0
+        try:
+            self.stream.write(text)
+        except (OSError, ValueError):
+            pass
+
     def flush(self) -> None:
         self._flush_call = None
+        self._write_pending()
         try:
             self.stream.flush()
         except (OSError, ValueError):

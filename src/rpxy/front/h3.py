@@ -28,12 +28,14 @@ No routing or header policy lives here.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections import deque
 from typing import Any
 
 from qh3._hazmat import pull_quic_header as _pull_quic_header
+from qh3._hazmat import UdpSocketState as _UdpSocketState
 from qh3._hazmat import encode_uint_var
 from qh3.h3.connection import FrameType, H3Connection, ProtocolError, Setting, encode_frame
 from qh3.h3.events import DataReceived, HeadersReceived
@@ -113,6 +115,10 @@ _STATUS = {status: str(status).encode() for status in range(100, 600)}
 # What an H3/QUIC send raises for a stream the client already reset or a closing connection.
 _SEND_ERRORS = (AssertionError, ProtocolError, QuicConnectionError, ValueError, KeyError)
 _INITIAL = int(QuicPacketType.INITIAL)
+# recvmmsg errors that only mean "nothing (more) to read" (ICMP errors queued on the socket).
+_READ_IGNORED = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH))
+# sendmsg errors of a kernel or device without UDP GSO.
+_GSO_UNSUPPORTED = frozenset((errno.EIO, errno.EINVAL, errno.EOPNOTSUPP))
 
 
 def quic_configuration(h3: H3Config, material: tuple) -> QuicConfiguration:
@@ -761,9 +767,8 @@ class H3Session:
             log.failure("HTTP/3 send failed")
             self._abort_connection()
             return
-        send = self.endpoint.send
-        for data, addr in datagrams:
-            send(data, addr)
+        if datagrams:
+            self.endpoint.send_datagrams(datagrams)
         for stream in list(self.watched.values()):
             try:
                 queued = quic.get_send_buffer_size(stream.stream_id)
@@ -983,6 +988,27 @@ class H3Endpoint(DatagramProtocol):
             self.send_errors += 1
             log.debug("UDP send to {peer} failed: {error!r}", peer=addr[0], error=error)
 
+    def send_datagrams(self, datagrams: list[tuple[bytes, tuple]]) -> None:
+        """Write a connection's datagrams: one batched call per peer address where the port has it."""
+        transport = self.transport
+        send_batch = getattr(transport, "send_batch", None)
+        if send_batch is None or len(datagrams) == 1:
+            for data, addr in datagrams:
+                self.send(data, addr)
+            return
+        start = 0
+        while start < len(datagrams):
+            addr = datagrams[start][1]
+            end = start + 1
+            while end < len(datagrams) and datagrams[end][1] == addr:
+                end += 1
+            try:
+                send_batch([data for data, _addr in datagrams[start:end]], addr)
+            except Exception as error:
+                self.send_errors += 1
+                log.debug("UDP send to {peer} failed: {error!r}", peer=addr[0], error=error)
+            start = end
+
     def datagramReceived(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
         try:
             self._datagram(data, addr)
@@ -1077,14 +1103,22 @@ def _plain_ip(host: str) -> str:
     return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
-class _V6OnlyUDPPort(udp.Port):
-    """An IPv6 UDP socket that never also takes IPv4 (the v4 addresses have their own).
+class QuicUDPPort(udp.Port):
+    """The UDP socket of an HTTP/3 listener: batched system calls, v6-only, optionally shared.
 
-    With ``reuse_port`` (any family): SO_REUSEPORT, so that the worker processes of
+    Reads and writes go through qh3's ``UdpSocketState`` (quinn-udp) when the platform
+    has it: ``recvmmsg`` takes up to 32 datagrams per call (with GRO, coalesced segments
+    come back split) and a connection's datagrams leave in one ``sendmsg`` with GSO
+    (:meth:`send_batch`). Per-datagram ``recvfrom``/``sendto`` otherwise (Twisted's).
+
+    An IPv6 socket never also takes IPv4 (the v4 addresses have their own). With
+    ``reuse_port`` (any family): SO_REUSEPORT, so that the worker processes of
     ``rpxy --workers N`` share the port (the kernel picks a socket by the 4-tuple hash).
     """
 
     reuse_port = False
+    #: qh3's batched socket state, None where it is not available.
+    batch: Any = None
 
     def createInternetSocket(self) -> socket.socket:
         sock = super().createInternetSocket()
@@ -1093,6 +1127,64 @@ class _V6OnlyUDPPort(udp.Port):
         if self.reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         return sock
+
+    def _bindSocket(self) -> None:
+        super()._bindSocket()
+        try:
+            self.batch = _UdpSocketState(self.socket.fileno())
+        except Exception as error:  # not on this platform: Twisted's per-datagram calls
+            log.info("HTTP/3: batched UDP system calls unavailable ({error}); one call per datagram", error=error)
+            self.batch = None
+
+    def connectionLost(self, reason=None):  # type: ignore[no-untyped-def]
+        self.batch = None
+        return super().connectionLost(reason)
+
+    def doRead(self) -> None:
+        batch = self.batch
+        if batch is None:
+            return super().doRead()
+        received = 0
+        protocol = self.protocol
+        while received < self.maxThroughput:
+            try:
+                datagrams = batch.recv()
+            except OSError as error:
+                if error.errno in _READ_IGNORED:
+                    return
+                raise
+            if not datagrams:
+                return
+            for data, addr in datagrams:
+                received += len(data)
+                if len(addr) > 2:
+                    addr = addr[:2]  # (host, port), as Twisted gives it
+                try:
+                    protocol.datagramReceived(data, addr)
+                except BaseException:
+                    log.failure("HTTP/3 datagram handling failed")
+        return None
+
+    def send_batch(self, datagrams: list[bytes], addr: tuple) -> None:
+        """Send ``datagrams`` to one peer; raises ``OSError`` naming what failed (the rest is dropped)."""
+        batch = self.batch
+        if batch is None:
+            sock = self.socket
+            for data in datagrams:
+                sock.sendto(data, addr)
+            return
+        try:
+            batch.send(datagrams, addr)
+        except OSError as error:
+            if error.errno in _GSO_UNSUPPORTED and len(datagrams) > 1:
+                # A kernel or device refusing GSO: from now on one datagram per call.
+                batch.disable_gso()
+                sent = getattr(error, "datagrams_sent", 0) or 0
+                sock = self.socket
+                for data in datagrams[sent:]:
+                    sock.sendto(data, addr)
+                return
+            raise
 
 
 class UDPListener(Service):
@@ -1109,12 +1201,9 @@ class UDPListener(Service):
         self.listening_port = None
 
     def startService(self) -> None:
-        if ":" in self.interface or self.reuse_port:
-            listener = _V6OnlyUDPPort(self.port, self.endpoint, self.interface, 65535, self.reactor)
-            listener.reuse_port = self.reuse_port
-            listener.startListening()
-        else:
-            listener = self.reactor.listenUDP(self.port, self.endpoint, self.interface, 65535)
+        listener = QuicUDPPort(self.port, self.endpoint, self.interface, 65535, self.reactor)
+        listener.reuse_port = self.reuse_port
+        listener.startListening()
         self.listening_port = listener
         self.endpoint.local_port = listener.getHost().port
         log.info("listening on {interface}:{port} (h3, udp)", interface=self.interface, port=self.endpoint.local_port)
