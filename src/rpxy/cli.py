@@ -162,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if worker is not None:
         reactor.callWhenRunning(workers.report_ready)  # listening, signals installed
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    from rpxy.runtime import tune_garbage_collector
+
+    reactor.callWhenRunning(tune_garbage_collector)
     reactor.run()
     return 0
 

@@ -205,3 +205,47 @@ def test_chooser_without_tls():
     assert chooser.any_material() is None
     with pytest.raises(UnusableSni):
         chooser.choose("a.test")
+
+
+# -- the HTTP/3 UDP port: batched system calls ---------------------------------------------------
+
+
+def test_quic_udp_port_reads_and_sends_in_batches():
+    import socket
+    import time
+
+    from twisted.internet.protocol import DatagramProtocol
+    from twisted.internet.testing import MemoryReactorClock
+
+    from rpxy.front.h3 import QuicUDPPort
+
+    class Recorder(DatagramProtocol):
+        def __init__(self) -> None:
+            self.received: list[tuple[bytes, tuple]] = []
+
+        def datagramReceived(self, data, addr):  # type: ignore[no-untyped-def]
+            self.received.append((data, addr))
+
+    recorder = Recorder()
+    port = QuicUDPPort(0, recorder, "127.0.0.1", 65535, MemoryReactorClock())
+    port.startListening()
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    try:
+        assert port.batch is not None  # qh3's quinn-udp state on Linux
+        target = port.getHost().port
+        for i in range(50):
+            peer.sendto(b"d%02d" % i + b"x" * i, ("127.0.0.1", target))
+        time.sleep(0.05)
+        port.doRead()  # up to 32 datagrams per recvmmsg: at least two calls, all in order
+        assert [data for data, _addr in recorder.received] == [b"d%02d" % i + b"x" * i for i in range(50)]
+        assert {addr for _data, addr in recorder.received} == {peer.getsockname()}
+        port.doRead()  # nothing left: returns quietly
+        # One peer, several datagrams of QUIC's size and a short last one: one GSO send.
+        datagrams = [b"a" * 1200, b"b" * 1200, b"c" * 300]
+        port.send_batch(datagrams, peer.getsockname())
+        peer.settimeout(2)
+        assert [peer.recv(2000) for _ in datagrams] == datagrams
+    finally:
+        peer.close()
+        port.stopListening()

@@ -208,13 +208,13 @@ def test_tcp_and_udp_ports_set_so_reuseport_when_asked() -> None:
     from twisted.internet.protocol import DatagramProtocol, Factory
     from twisted.internet.testing import MemoryReactor
 
-    from rpxy.front.h3 import _V6OnlyUDPPort
+    from rpxy.front.h3 import QuicUDPPort
     from rpxy.service import _V6OnlyPort
 
     reactor = MemoryReactor()
     for reuse in (False, True):
         tcp_port = _V6OnlyPort(0, Factory(), 50, "127.0.0.1", reactor)
-        udp_port = _V6OnlyUDPPort(0, DatagramProtocol(), "127.0.0.1", 65535, reactor)
+        udp_port = QuicUDPPort(0, DatagramProtocol(), "127.0.0.1", 65535, reactor)
         tcp_port.reuse_port = udp_port.reuse_port = reuse
         assert bool(_reuseport(tcp_port.createInternetSocket())) is reuse
         assert bool(_reuseport(udp_port.createInternetSocket())) is reuse

@@ -62,6 +62,9 @@ class RpxyServiceMaker:
 
         install_shutdown_signals(reactor, service.force_stop)
         reactor.callWhenRunning(install_shutdown_signals, reactor, service.force_stop)
+        from rpxy.runtime import tune_garbage_collector
+
+        reactor.callWhenRunning(tune_garbage_collector)
         return service
 
 

@@ -19,7 +19,7 @@ comes first when added) followed by the proxy's.
 
 from __future__ import annotations
 
-import attrs
+from typing import NamedTuple
 
 from rpxy.message import ConnectionInfo, Headers
 from rpxy.policy.trusted import TrustedProxies, canonical_ip
@@ -43,9 +43,11 @@ from .upstream_host import HOST
 __all__ = ["ForwardedFor", "prepare_request_headers"]
 
 
-@attrs.frozen
-class ForwardedFor:
+class ForwardedFor(NamedTuple):
     """The upstream request's fields plus what the access log and cookies need.
+
+    A named tuple, not a frozen attrs class: one is built per request, and a tuple is
+    several times cheaper to construct.
 
     ``client_ip``: the address given to X-Real-IP; ``xff``: the X-Forwarded-For value
     sent; ``forwarded``: the Forwarded value sent, or None. ``secure``: the client
