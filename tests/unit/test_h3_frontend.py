@@ -862,3 +862,31 @@ def test_graceful_shutdown_gives_up_at_the_deadline(material):
     harness.clock.advance(3)
     assert fired and not harness.endpoint.sessions
     assert harness.pipeline.exchanges[0].gone
+
+
+def test_a_batch_of_datagrams_is_fed_to_its_connection_at_once(material):
+    """recvmmsg batches: runs for one connection go to QUIC in one call, the rest one by one."""
+    harness, client = connected(material)
+    other = harness.client("b.test")  # a second connection, still handshaking
+    sids = [client.request(b"GET", f"/batch{i}".encode()) for i in range(8)]
+    harness.clock.advance(0.001)
+    batch = [data for data, _addr in client.quic.datagrams_to_send(harness.clock.seconds())]
+    first_flight = [data for data, _addr in other.quic.datagrams_to_send(harness.clock.seconds())]
+    assert len(batch) >= 2 and first_flight
+    (session,) = harness.endpoint.sessions
+    fed = []
+    original = session.quic.receive_many_datagrams
+    session.quic.receive_many_datagrams = lambda datagrams, addr, now: (fed.append(len(datagrams)), original(datagrams, addr, now))
+    # The same peer address for both connections (one NAT): the Initial is split out by its CID.
+    harness.endpoint.datagrams_received([b"\x40garbage"] + batch + first_flight, CLIENT)
+    harness.step(client)
+    assert sorted(exchange.head.path for exchange in harness.pipeline.exchanges) == sorted(
+        f"/batch{i}".encode() for i in range(8)
+    )
+    assert len(harness.endpoint.sessions) == 2  # the other client's Initial opened its connection
+    assert fed == [len(batch)]  # one QUIC call for the connection's run
+    for exchange in harness.pipeline.exchanges:
+        exchange.sink.send_head(204, [])
+        exchange.sink.send_end(None)
+    harness.step(client)
+    assert [client.response(sid)[0] for sid in sids] == [204] * 8

@@ -452,9 +452,21 @@ class H3Session:
             else:
                 self.dropped += 1
             return
+        self._feed(self.quic.receive_datagram, data, addr)
+
+    def datagrams_received(self, datagrams: list[bytes], addr: tuple) -> None:
+        """As :meth:`datagram_received` for a batch: one QUIC call, one pass over the events."""
+        if self.held is not None or self.closed:
+            for data in datagrams:
+                self.datagram_received(data, addr)
+            return
+        self._feed(self.quic.receive_many_datagrams, datagrams, addr)
+
+    def _feed(self, receive: Any, data: Any, addr: tuple) -> None:
+        """Give QUIC what arrived, then act on its events; a failure closes this connection only."""
         self._busy = True
         try:
-            self.quic.receive_datagram(data, addr, self.reactor.seconds())
+            receive(data, addr, self.reactor.seconds())
             self._process()
         except QuicConnectionError as error:
             self._closed_by_quic(error)
@@ -1047,6 +1059,33 @@ class H3Endpoint(DatagramProtocol):
                 log.debug("UDP send to {peer} failed: {error!r}", peer=addr[0], error=error)
             start = end
 
+    def datagrams_received(self, datagrams: list[bytes], addr: tuple) -> None:
+        """Several datagrams from one peer (a ``recvmmsg`` batch): runs for one connection
+        are handed to it together; anything else goes the per-datagram way."""
+        try:
+            cids = self.cids
+            run: list[bytes] = []
+            run_session: H3Session | None = None
+            for data in datagrams:
+                try:
+                    session = cids.get(_pull_quic_header(data, 0, CID_LENGTH)[3])
+                except ValueError:
+                    session = None
+                if session is not None and session is run_session:
+                    run.append(data)
+                    continue
+                if run_session is not None:
+                    run_session.datagrams_received(run, addr)
+                    run_session, run = None, []
+                if session is None:
+                    self._datagram(data, addr)
+                else:
+                    run_session, run = session, [data]
+            if run_session is not None:
+                run_session.datagrams_received(run, addr)
+        except Exception:
+            log.failure("HTTP/3 datagrams from {peer} failed", peer=addr[0])
+
     def datagramReceived(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
         try:
             self._datagram(data, addr)
@@ -1184,6 +1223,7 @@ class QuicUDPPort(udp.Port):
             return super().doRead()
         received = 0
         protocol = self.protocol
+        batch_received = getattr(protocol, "datagrams_received", None)
         while received < self.maxThroughput:
             try:
                 datagrams = batch.recv()
@@ -1193,14 +1233,26 @@ class QuicUDPPort(udp.Port):
                 raise
             if not datagrams:
                 return
-            for data, addr in datagrams:
-                received += len(data)
+            # Consecutive datagrams from one peer go together (one QUIC call for a batch).
+            start, count = 0, len(datagrams)
+            while start < count:
+                addr = datagrams[start][1]
+                end = start + 1
+                while end < count and datagrams[end][1] == addr:
+                    end += 1
                 if len(addr) > 2:
                     addr = addr[:2]  # (host, port), as Twisted gives it
+                run = [data for data, _addr in datagrams[start:end]]
+                received += sum(map(len, run))
                 try:
-                    protocol.datagramReceived(data, addr)
+                    if len(run) == 1 or batch_received is None:
+                        for data in run:
+                            protocol.datagramReceived(data, addr)
+                    else:
+                        batch_received(run, addr)
                 except BaseException:
                     log.failure("HTTP/3 datagram handling failed")
+                start = end
         return None
 
     def send_batch(self, datagrams: list[bytes], addr: tuple) -> None:
