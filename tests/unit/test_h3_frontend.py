@@ -890,3 +890,23 @@ def test_a_batch_of_datagrams_is_fed_to_its_connection_at_once(material):
         exchange.sink.send_end(None)
     harness.step(client)
     assert [client.response(sid)[0] for sid in sids] == [204] * 8
+
+
+def test_responses_leave_once_a_couple_of_datagrams_are_waiting_not_at_the_end_of_the_turn(material):
+    harness, client = connected(material)
+    sids = [client.request(b"GET", f"/t{i}".encode()) for i in range(12)]
+    harness.step(client)
+    harness.wire.sent.clear()
+    exchanges = harness.pipeline.exchanges
+    exchanges[0].sink.send_head(200, [])
+    exchanges[0].sink.send_data(b"x" * 300)
+    exchanges[0].sink.send_end(None)
+    assert harness.wire.sent == []  # one small response: sent after this reactor turn (coalescing)
+    for exchange in exchanges[1:]:
+        exchange.sink.send_head(200, [])
+        exchange.sink.send_data(b"x" * 300)
+        exchange.sink.send_end(None)
+    # 12 x 300 bytes is past h3mod.TRANSMIT_AT: datagrams left during the turn already.
+    assert 12 * 300 > h3mod.TRANSMIT_AT and harness.wire.sent
+    harness.step(client)
+    assert [client.response(sid)[0] for sid in sids] == [200] * 12

@@ -94,6 +94,9 @@ SUPPORTED_VERSIONS = [QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION
 #: Per-stream bytes queued in QUIC above which the upstream is paused / below which resumed.
 SEND_HIGH_WATER = 256 * 1024
 SEND_LOW_WATER = 64 * 1024
+#: Response bytes waiting in QUIC at which a connection transmits without waiting for the
+#: end of the reactor turn (about one full datagram: coalescing is kept, latency is not added).
+TRANSMIT_AT = 2400
 #: Request bytes handed to paused upstreams, per connection, before reading stops.
 RECV_HOLD_THRESHOLD = 1024 * 1024
 #: Datagrams kept (unprocessed) while reading is stopped; more are dropped.
@@ -348,7 +351,7 @@ class _H3Stream:
         except _SEND_ERRORS as error:
             self._failed(error)
             return
-        self.session.output_added(self)
+        self.session.output_added(self, len(data) if data else 64)
 
     def _guard(self, action) -> None:  # type: ignore[no-untyped-def]
         """Run an H3/QUIC send; a stream the client already reset just ends quietly."""
@@ -430,6 +433,8 @@ class H3Session:
         self.conn: ConnectionInfo | None = None
         self.held: deque[tuple[bytes, tuple]] | None = None
         self.unacked = 0
+        #: Response bytes handed to QUIC since the last transmit (see :data:`TRANSMIT_AT`).
+        self.unsent = 0
         self.dropped = 0
         self.closed = False
         self._busy = False
@@ -792,8 +797,14 @@ class H3Session:
     def unwatch(self, stream: _H3Stream) -> None:
         self.watched.pop(stream.stream_id, None)
 
-    def output_added(self, stream: _H3Stream) -> None:
-        self.write_soon()
+    def output_added(self, stream: _H3Stream, size: int = 0) -> None:
+        """Output is waiting in QUIC: sent after this reactor turn, or now once a datagram's worth
+        waits (responses that finished early in a long turn need not wait for its end)."""
+        self.unsent += size
+        if self.unsent >= TRANSMIT_AT and not self._busy:
+            self.transmit()
+        else:
+            self.write_soon()
 
     # -- output ----------------------------------------------------------------------------
 
@@ -811,6 +822,7 @@ class H3Session:
         if self.closed:
             return
         quic = self.quic
+        self.unsent = 0
         try:
             datagrams = quic.datagrams_to_send(self.reactor.seconds())
         except Exception:
