@@ -243,7 +243,7 @@ def test_quic_udp_port_reads_and_sends_in_batches():
         port.doRead()  # nothing left: returns quietly
         # One peer, several datagrams of QUIC's size and a short last one: one GSO send.
         datagrams = [b"a" * 1200, b"b" * 1200, b"c" * 300]
-        port.send_batch(datagrams, peer.getsockname())
+        assert port.send_batch(datagrams, peer.getsockname()) == 3
         peer.settimeout(2)
         assert [peer.recv(2000) for _ in datagrams] == datagrams
     finally:

@@ -1065,7 +1065,8 @@ class H3Endpoint(DatagramProtocol):
             while end < len(datagrams) and datagrams[end][1] == addr:
                 end += 1
             try:
-                send_batch([data for data, _addr in datagrams[start:end]], addr)
+                if send_batch([data for data, _addr in datagrams[start:end]], addr) < end - start:
+                    self.send_errors += 1  # the socket buffer was full: the rest was dropped
             except Exception as error:
                 self.send_errors += 1
                 log.debug("UDP send to {peer} failed: {error!r}", peer=addr[0], error=error)
@@ -1240,9 +1241,10 @@ class QuicUDPPort(udp.Port):
             try:
                 datagrams = batch.recv()
             except OSError as error:
-                if error.errno in _READ_IGNORED:
-                    return
-                raise
+                if error.errno not in _READ_IGNORED:
+                    # Logged, never raised: the reactor would close the listener for it.
+                    log.warn("HTTP/3: UDP receive failed: {error}", error=error)
+                return
             if not datagrams:
                 return
             # Consecutive datagrams from one peer go together (one QUIC call for a batch).
@@ -1267,16 +1269,17 @@ class QuicUDPPort(udp.Port):
                 start = end
         return None
 
-    def send_batch(self, datagrams: list[bytes], addr: tuple) -> None:
-        """Send ``datagrams`` to one peer; raises ``OSError`` naming what failed (the rest is dropped)."""
+    def send_batch(self, datagrams: list[bytes], addr: tuple) -> int:
+        """Send ``datagrams`` to one peer; how many left (a full socket buffer drops the rest,
+        which QUIC retransmits). Raises ``OSError`` naming what failed."""
         batch = self.batch
         if batch is None:
             sock = self.socket
             for data in datagrams:
                 sock.sendto(data, addr)
-            return
+            return len(datagrams)
         try:
-            batch.send(datagrams, addr)
+            return batch.send(datagrams, addr)
         except OSError as error:
             if error.errno in _GSO_UNSUPPORTED and len(datagrams) > 1:
                 # A kernel or device refusing GSO: from now on one datagram per call.
@@ -1285,7 +1288,7 @@ class QuicUDPPort(udp.Port):
                 sock = self.socket
                 for data in datagrams[sent:]:
                     sock.sendto(data, addr)
-                return
+                return len(datagrams)
             raise
 
 
