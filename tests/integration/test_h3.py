@@ -150,21 +150,27 @@ def test_two_apps_by_sni_each_with_its_certificate(proxy, pki):
     assert echo(run(go("b.test")))["origin"] == "b"  # RSA key, PKCS#1 file: verified against the CA
 
 
-def test_host_other_than_sni_is_421(proxy, pki):
-    async def go():
-        async with client(proxy, pki, "a.test") as c:
-            return await c.get("/echo/x", authority="b.test")
+def get_once(proxy, pki, name: str, path: str = "/echo/x", *, authority: str | None = None, **client_kwargs):
+    """One GET on a fresh QUIC connection to the app ``name`` (the handshake's SNI)."""
 
-    assert run(go()).status == 421
+    async def go():
+        async with client(proxy, pki, name, **client_kwargs) as c:
+            return await c.get(path, authority=authority)
+
+    return run(go(), timeout=20)
+
+
+@pytest.mark.parametrize(
+    "authority",
+    ["b.test", "mtls.test"],  # mtls.test over a.test's handshake (no client certificate asked): as on TCP
+)
+def test_host_other_than_sni_is_421(proxy, pki, authority):
+    assert get_once(proxy, pki, "a.test", authority=authority).status == 421
 
 
 def test_unknown_sni_is_refused_and_logged(proxy, pki):
-    async def go(name):
-        async with client(proxy, pki, name) as c:
-            return await c.get("/echo/x")
-
     with pytest.raises(Exception):
-        run(go("nobody.test"), timeout=20)
+        get_once(proxy, pki, "nobody.test")
     wait_for_log(proxy.system_log, r"QUIC handshake failed: .*sni='?nobody\.test'? category=unknown_sni")
 
 
@@ -189,27 +195,12 @@ def test_mtls_app_is_served_over_h3_with_a_client_certificate(proxy, pki):
 
 def test_mtls_app_refuses_h3_clients_without_a_good_certificate(proxy, pki):
     stranger = pki.client("h3-mallory", pki.foreign_ca)
-
-    async def go(client_cert):
-        async with client(proxy, pki, "mtls.test", client_cert=client_cert) as c:
-            return await c.get("/echo/x")
-
     with pytest.raises(Exception):
-        run(go(None), timeout=20)
+        get_once(proxy, pki, "mtls.test")
     wait_for_log(proxy.system_log, r"QUIC handshake failed: .*sni=mtls\.test category=client_cert: the client sent no certificate")
     with pytest.raises(Exception):
-        run(go(stranger), timeout=20)
+        get_once(proxy, pki, "mtls.test", client_cert=stranger)
     wait_for_log(proxy.system_log, r"QUIC handshake failed: .*sni=mtls\.test category=client_cert: certificate verify failed")
-
-
-def test_mtls_app_cannot_be_reached_over_another_apps_quic_handshake(proxy, pki):
-    """Host mtls.test over a.test's handshake (no client certificate asked): 421, as on TCP."""
-
-    async def go():
-        async with client(proxy, pki, "a.test") as c:
-            return await c.get("/echo/x", authority="mtls.test")
-
-    assert run(go()).status == 421
 
 
 # -- post-quantum key exchange ------------------------------------------------------------------
